@@ -1,0 +1,218 @@
+"""Passkey accuracy, ingest throughput, per-turn latency and peak RSS on the embedded model:
+ContextMemory against full attention, truncation and StreamingLLM, plus the model's own ceiling.
+
+Each (method, history length) runs in its own process so peak RSS is its own. Histories for
+different needle depths and seeds share their filler prefix (checkpoint/rollback), which cuts
+the CPU time about in half without changing what each question sees.
+
+    python benchmarks/passkey.py all --lengths 2048 8192 16384 32768 65536 --out benchmarks/results/passkey
+    python benchmarks/passkey.py report --out benchmarks/results/passkey
+    python benchmarks/passkey.py one --method contextmemory --length 16384 --depths 5 --seeds 2 --set n_local=1024
+    python benchmarks/passkey.py sweep --length 16384 --out benchmarks/results/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+METHODS = ("contextmemory", "streaming", "truncation", "full", "ceiling")
+TURN_MESSAGE_TOKENS = 200
+TURN_NEW_TOKENS = 32
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _depths(n: int) -> list[float]:
+    return [round(0.05 + 0.9 * i / (n - 1), 3) for i in range(n)] if n > 1 else [0.5]
+
+
+def _config(overrides: list[str]):
+    from memory_plugin import MemoryConfig
+
+    kw = {k: int(v) for k, v in (o.split("=", 1) for o in overrides)}
+    return MemoryConfig(**kw)
+
+
+def _build(method: str, model, tokenizer, cfg):
+    from memory_plugin import ContextMemory
+    from memory_plugin.baselines import FullAttention, Truncation
+
+    if method == "contextmemory":
+        return ContextMemory(model, tokenizer, cfg)
+    if method == "streaming":  # sinks + sliding window over the same attention span, no retrieval
+        return ContextMemory(model, tokenizer, cfg.replace(topk=0, n_local=cfg.span - cfg.n_init))
+    if method == "truncation":
+        return Truncation(model, tokenizer, window=cfg.span)
+    if method in ("full", "ceiling"):
+        return FullAttention(model, tokenizer)
+    raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+
+
+def _turn_message(tokenizer) -> str:
+    from memory_plugin.tasks import FILLER
+
+    words = (FILLER * 40).split()
+    n = len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"])
+    return "Tool output: " + " ".join(words[: len(words) * TURN_MESSAGE_TOKENS // n])
+
+
+def _timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - t
+
+
+def run_one(method: str, length: int, n_depths: int, n_seeds: int, overrides: list[str]) -> dict:
+    import torch
+
+    from memory_plugin import load_model
+    from memory_plugin.tasks import FILLER, QUESTION, filler_repeats, needle, passkey, passkey_history
+
+    torch.manual_seed(0)
+    model, tok = load_model()
+    cfg = _config(overrides)
+    rss_model = _rss_mb()
+    mem = _build(method, model, tok, cfg)
+    depths = _depths(n_depths)
+    rows = []
+    if method == "ceiling":  # each needle alone in ~1k tokens, full attention
+        for di, d in enumerate(depths):
+            for s in range(n_seeds):
+                key = passkey(1000 * s + di)
+                mem.rollback(0)
+                mem.add_text(passkey_history(tok, 1000, d, key))
+                ans = mem.generate(QUESTION, max_new_tokens=8, chat=False)
+                rows.append({"depth": d, "seed": s, "key": key, "answer": ans, "correct": key in ans})
+        return _result(method, 1000, cfg, rows, rss_model, {})
+
+    n_rep = filler_repeats(tok, length)
+    msg = _turn_message(tok)
+    done, first, timings = 0, True, {}
+    for di, d in sorted(enumerate(depths), key=lambda x: x[1]):
+        at = round(d * n_rep)
+        t_prefix = 0.0
+        if at > done:
+            _, t_prefix = _timed(mem.add_text, FILLER * (at - done))
+            done = at
+        cp = mem.checkpoint()
+        for s in range(n_seeds):
+            key = passkey(1000 * s + di)
+            _, t1 = _timed(mem.add_text, needle(key))
+            _, t2 = _timed(mem.add_text, FILLER * (n_rep - at))
+            if first:  # the first history was ingested from scratch: its throughput, and turn latency
+                first = False
+                timings["history_tokens"] = len(mem)
+                timings["ingest_seconds"] = t_prefix + t1 + t2
+                timings["ingest_tok_s"] = len(mem) / timings["ingest_seconds"]
+                timings["turn_seconds"] = _turn_latency(mem, msg)
+            ans = mem.generate(QUESTION, max_new_tokens=8, chat=False)
+            rows.append({"depth": d, "seed": s, "key": key, "answer": ans, "correct": key in ans})
+            mem.rollback(cp)
+    return _result(method, length, cfg, rows, rss_model, timings)
+
+
+def _turn_latency(mem, msg: str, repeats: int = 3) -> float:
+    """Median seconds to add a ~200-token message and generate 32 tokens; the memory is restored."""
+    times = []
+    for _ in range(repeats):
+        cp = mem.checkpoint()
+        t = time.perf_counter()
+        mem.add_message("user", msg)
+        mem.generate("Summarise the tool output.", max_new_tokens=TURN_NEW_TOKENS, min_new_tokens=TURN_NEW_TOKENS)
+        times.append(time.perf_counter() - t)
+        mem.rollback(cp)
+    return statistics.median(times)
+
+
+def _result(method, length, cfg, rows, rss_model, timings) -> dict:
+    return {
+        "method": method,
+        "length": length,
+        "config": cfg.to_dict(),
+        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "n_questions": len(rows),
+        "rss_model_mb": rss_model,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_beyond_model_mb": _peak_rss_mb() - rss_model,
+        **timings,
+        "rows": rows,
+    }
+
+
+def _run_subprocess(method, length, depths, seeds, overrides, path: Path) -> dict:
+    cmd = [sys.executable, __file__, "one", "--method", method, "--length", str(length)]
+    cmd += ["--depths", str(depths), "--seeds", str(seeds), "--json", str(path)]
+    for o in overrides:
+        cmd += ["--set", o]
+    t = time.time()
+    subprocess.run(cmd, check=True)
+    res = json.loads(path.read_text())
+    print(f"{method:>14} {length:>6}: acc {res['accuracy']:.2f}  ({time.time() - t:.0f}s)", flush=True)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    one = sub.add_parser("one", help="one method at one history length (one process)")
+    one.add_argument("--method", choices=METHODS, required=True)
+    one.add_argument("--length", type=int, default=16384)
+    one.add_argument("--json", type=Path)
+    for sp in (one, allp := sub.add_parser("all", help="every method at every length"), sw := sub.add_parser("sweep")):
+        sp.add_argument("--depths", type=int, default=10)
+        sp.add_argument("--seeds", type=int, default=2)
+        sp.add_argument("--set", action="append", default=[], help="MemoryConfig override, e.g. n_local=1024")
+    allp.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768, 65536])
+    allp.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    allp.add_argument("--full-max-length", type=int, default=16384, help="longest history for full attention")
+    allp.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey"))
+    sw.add_argument("--length", type=int, default=16384)
+    sw.add_argument("--grid", nargs="+", required=True, help="configs as 'k=v,k=v' strings")
+    sw.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
+    rep = sub.add_parser("report", help="markdown table and plot from an 'all' run")
+    rep.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey"))
+    a = p.parse_args()
+
+    if a.cmd == "one":
+        res = run_one(a.method, a.length, a.depths, a.seeds, a.set)
+        text = json.dumps(res, indent=1)
+        a.json.write_text(text) if a.json else print(text)
+    elif a.cmd == "all":
+        a.out.mkdir(parents=True, exist_ok=True)
+        for length in a.lengths:
+            for m in a.methods:
+                if m == "ceiling" and length != a.lengths[0] or m == "full" and length > a.full_max_length:
+                    continue
+                _run_subprocess(m, length, a.depths, a.seeds, a.set, a.out / f"{m}-{length}.json")
+    elif a.cmd == "sweep":
+        a.out.mkdir(parents=True, exist_ok=True)
+        for g in a.grid:
+            overrides = [*a.set, *(x for x in g.split(",") if x)]
+            name = "_".join(overrides) or "default"
+            res = _run_subprocess("contextmemory", a.length, a.depths, a.seeds, overrides, a.out / f"{name}.json")
+            print(f"   {name}: ingest {res['ingest_tok_s']:.0f} tok/s, turn {res['turn_seconds']:.2f}s", flush=True)
+    elif a.cmd == "report":
+        from report import passkey_report  # benchmarks/report.py
+
+        print(passkey_report(a.out))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()

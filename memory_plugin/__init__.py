@@ -1,0 +1,23 @@
+"""memory_plugin: long-term memory for LLM agents inside the model's attention (InfLLM + memory vectors).
+
+Example:
+    >>> from memory_plugin import ContextMemory
+    >>> mem = ContextMemory.from_pretrained()  # doctest: +SKIP
+    >>> mem.add_message("user", "The blue folder is in the attic.")  # doctest: +SKIP
+    >>> mem.generate("Where is the blue folder?")  # doctest: +SKIP
+"""
+
+from .config import MemoryConfig
+from .memory import ContextMemory, MemoryHit, MemoryStats
+from .model import ModelNotFoundError, UnsupportedModelError, load_model
+
+__all__ = [
+    "ContextMemory",
+    "MemoryConfig",
+    "MemoryHit",
+    "MemoryStats",
+    "ModelNotFoundError",
+    "UnsupportedModelError",
+    "load_model",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""The attention maths of InfLLM: rotary positions, one joint softmax over several key sets,
+representative keys of a block, and block relevance.
+
+Shapes (batch size is always 1 and left out):
+    q: [H, c, D]      queries of a chunk of c tokens, H query heads
+    k, v: [Hkv, N, D] keys/values, Hkv key/value heads; query head h reads kv head h // (H // Hkv)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., n, D]`` by the angles whose ``cos``/``sin`` are ``[n, D]`` (or ``[1, D]``)."""
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class AttnPart:
+    """One set of keys in a joint softmax.
+
+    ``mask [c, N]`` (True = visible) may be None for "all visible". When ``want_mass`` is set,
+    the attention probability each key received is summed over the chunk's queries (per query head).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None = None
+    want_mass: bool = False
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_MIN_QUERIES = 16  # below this the explicit path is as fast and avoids per-call overhead
+
+
+def joint_attention(
+    parts: list[AttnPart], scaling: float, mass_rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Softmax attention over the union of ``parts``, as one softmax over their concatenated logits.
+
+    Each part may rotate the queries its own way (InfLLM: exact positions in the window, a fixed
+    distance for memory blocks). Returns ``(out [H, c, D], masses)``: for each part with
+    ``want_mass``, the normalised attention probability its keys received, summed over the query rows
+    ``mass_rows`` (all rows when None) -> ``[H, N]``; None for the other parts. Every query must see
+    at least one key. GQA is native: keys are never repeated.
+    """
+    h, c, d = parts[0].q.shape
+    if _FLASH_CPU is not None and c >= _FLASH_MIN_QUERIES and parts[0].q.device.type == "cpu":
+        return _flash_joint(parts, scaling, mass_rows)
+    return _explicit_joint(parts, scaling, mass_rows)
+
+
+def _explicit_joint(parts, scaling, mass_rows):
+    """Logits materialised: the decode path (c small) and the path off CPU."""
+    h, c, d = parts[0].q.shape
+    hkv = parts[0].k.shape[0]
+    g = h // hkv
+    live = [p for p in parts if p.k.shape[-2] > 0]
+    logits = []
+    for p in live:
+        q = (p.q * scaling).reshape(hkv, g * c, d)  # scaling q is cheaper than scaling the logits
+        lg = torch.matmul(q, p.k.transpose(-1, -2)).float()
+        if p.mask is not None:
+            lg.view(hkv, g, c, -1).masked_fill_(~p.mask, float("-inf"))
+        logits.append(lg)
+    m = logits[0].amax(dim=-1, keepdim=True)
+    for lg in logits[1:]:
+        m = torch.maximum(m, lg.amax(dim=-1, keepdim=True))
+    denom = torch.zeros_like(m)
+    for lg in logits:
+        lg.sub_(m).exp_()  # logits become unnormalised probabilities, in place
+        denom += lg.sum(dim=-1, keepdim=True)
+    inv = denom.reciprocal_().view(h, c, 1)
+    out = None
+    for lg, p in zip(logits, live):
+        o = torch.matmul(lg.to(p.v.dtype), p.v)
+        out = o if out is None else out.add_(o)
+    out = out.view(h, c, d) * inv.to(out.dtype)
+
+    def mass(lg):
+        probs = lg.view(h, c, -1) * inv
+        return (probs if mass_rows is None else probs[:, mass_rows]).sum(dim=1)
+
+    return out, _masses(parts, live, logits, mass)
+
+
+def _flash_joint(parts, scaling, mass_rows):
+    """CPU path for chunks: one fused flash-attention call per part, merged by log-sum-exp; the
+    attention mass is then computed for the ``mass_rows`` only (the full logits are never stored)."""
+    h, c, d = parts[0].q.shape
+    live = [p for p in parts if p.k.shape[-2] > 0]
+    outs, lses = [], []
+    for p in live:
+        bias = None
+        if p.mask is not None:
+            bias = torch.zeros(p.mask.shape, dtype=p.q.dtype, device=p.q.device).masked_fill_(~p.mask, float("-inf"))
+        o, lse = _FLASH_CPU(p.q[None].contiguous(), p.k[None], p.v[None], attn_mask=bias, scale=scaling)
+        if p.mask is not None:  # rows that see no key of this part: the kernel reports lse 0, we need -inf
+            lse = lse.masked_fill(~p.mask.any(dim=-1), float("-inf"))
+        outs.append(o[0])
+        lses.append(lse[0].float())
+    lse_all = torch.logsumexp(torch.stack(lses), dim=0)  # [H, c]
+    out = None
+    for o, lse in zip(outs, lses):
+        w = (lse - lse_all).exp_().unsqueeze(-1).to(o.dtype)
+        out = o * w if out is None else out.add_(o * w)
+
+    rows = slice(None) if mass_rows is None else mass_rows
+    hkv = parts[0].k.shape[0]
+    g = h // hkv
+
+    def mass(p):
+        q = (p.q[:, rows] * scaling).reshape(hkv, -1, d)
+        lg = torch.matmul(q, p.k.transpose(-1, -2)).float().view(h, -1, p.k.shape[-2])
+        if p.mask is not None:
+            lg.masked_fill_(~p.mask[rows], float("-inf"))
+        return lg.sub_(lse_all[:, rows].unsqueeze(-1)).exp_().sum(dim=1)
+
+    return out, _masses(parts, live, live, mass)
+
+
+def _masses(parts, live, per_live, mass_fn):
+    h = parts[0].q.shape[0]
+    got = {id(p): mass_fn(x) for p, x in zip(live, per_live) if p.want_mass}
+    return [got.get(id(p), p.k.new_zeros(h, 0, dtype=torch.float32)) if p.want_mass else None for p in parts]
+
+
+def representative_keys(k: torch.Tensor, mass: torch.Tensor, repr_topk: int) -> torch.Tensor:
+    """One representative key per query head for a block: the mean of its ``repr_topk`` keys that
+    received the most attention mass while in the local window (InfLLM's code; the paper states
+    raw dot products, the code uses mass).
+
+    ``k [Hkv, n, D]`` unrotated keys, ``mass [H, n]`` -> ``[H, D]``.
+    """
+    h = mass.shape[0]
+    k = k.repeat_interleave(h // k.shape[0], dim=0)  # GQA expanded, per query head
+    top = mass.topk(repr_topk, dim=-1).indices  # [H, r]
+    picked = torch.gather(k, 1, top.unsqueeze(-1).expand(-1, -1, k.shape[-1]))
+    return picked.mean(dim=1)
+
+
+def block_relevance(q_mean: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
+    """Relevance of each block to a chunk: mean query · representative key, summed over heads.
+
+    ``q_mean [H, D]``, ``reprs [n_blocks, H, D]`` -> ``[n_blocks]``.
+    """
+    return torch.einsum("hd,bhd->b", q_mean.float(), reprs.float())

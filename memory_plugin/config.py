@@ -1,0 +1,90 @@
+"""Typed, validated configuration of the InfLLM memory.
+
+Field names follow the InfLLM paper (Xiao et al. 2024) so code maps to it one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How the history is split between the local window, the initial tokens and retrievable blocks.
+
+    Every query attends, in one softmax, to:
+
+    * the first ``n_init`` tokens (attention sinks),
+    * the ``topk`` most relevant memory blocks of ``block_size`` tokens (per layer), and
+    * the local window: every token not yet cut into a block, at least ``n_local`` of them,
+      at exact relative positions.
+
+    The defaults are tuned for the embedded SmolLM2-135M on CPU (sweep in docs/BENCHMARKS.md);
+    InfLLM's own defaults for 7B models are ``block_size=128, n_init=128, n_local=4096, topk=16``.
+
+    Example:
+        >>> MemoryConfig(n_local=1024, topk=4).span
+        1664
+    """
+
+    block_size: int = 128
+    """Tokens per memory block (memory unit)."""
+    n_init: int = 128
+    """Initial tokens always attended (attention sinks, system prompt)."""
+    n_local: int = 2048
+    """Minimum size of the local window attended at exact relative positions."""
+    topk: int = 8
+    """Blocks retrieved per layer for each chunk of queries; 0 turns retrieval off (StreamingLLM)."""
+    repr_topk: int = 4
+    """Representative keys per block: the tokens that received most attention while in the window."""
+    chunk_size: int = 512
+    """Tokens encoded per forward step; retrieval is done once per chunk (every token when decoding)."""
+    mass_stride: int = 8
+    """Queries at absolute positions divisible by this add to the attention mass that picks
+    representative keys (1 = every query, as InfLLM). Sampling keeps chunks cheap on CPU, where the
+    full probability matrix would cost more than the attention itself; by position, so the memory
+    does not depend on how the history was chunked."""
+    max_cached_blocks: int = 64
+    """Blocks per layer kept on the accelerator (LRU) when the model runs on one; unused on CPU."""
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "n_local", "repr_topk", "chunk_size", "mass_stride", "max_cached_blocks"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("n_init", "topk"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.repr_topk > self.block_size:
+            raise ValueError(f"repr_topk ({self.repr_topk}) must be <= block_size ({self.block_size})")
+        if self.chunk_size > self.n_local:
+            # A chunk longer than the window would let a query's own chunk-mates fall out of its window
+            # before they are stored anywhere (InfLLM asserts the same).
+            raise ValueError(f"chunk_size ({self.chunk_size}) must be <= n_local ({self.n_local})")
+        if self.topk > self.max_cached_blocks:
+            raise ValueError(
+                f"max_cached_blocks ({self.max_cached_blocks}) must be >= topk ({self.topk}): "
+                "the blocks selected for one step must fit in the accelerator cache"
+            )
+
+    @property
+    def span(self) -> int:
+        """Tokens one query attends to at most outside its chunk (init + retrieved blocks + window)."""
+        return self.n_init + self.topk * self.block_size + self.n_local
+
+    @property
+    def window_capacity(self) -> int:
+        """Largest the local window gets: ``n_local`` plus a partial block plus one incoming chunk."""
+        return self.n_local + self.block_size - 1 + self.chunk_size
+
+    def replace(self, **changes: int) -> MemoryConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"MemoryConfig.{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"MemoryConfig.{name} must be >= {minimum}, got {value}")

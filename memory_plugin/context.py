@@ -1,0 +1,316 @@
+"""InfLLM context memory: what each decoder layer remembers and how a chunk of queries attends to it.
+
+Per layer the history is split into
+
+* **init**: the first ``n_init`` tokens of the history, always attended (attention sinks);
+* **window**: every later token not yet cut into a block. A query attends to the last ``n_local``
+  of them at exact relative positions (the local window), and to older ones at a fixed distance;
+* **blocks**: ``block_size``-token memory units cut from the oldest window tokens once they are out
+  of every future query's local window, kept in a :class:`~memory_plugin.blocks.BlockStore`; the
+  ``topk`` most relevant to a chunk are attended, at the fixed distance.
+
+All of it goes through one softmax. Positions (RoPE), as InfLLM: window keys are rotated at their
+index in a fixed-size buffer, so relative distances are exact while angles stay small however long
+the history grows; keys outside a query's local window are used unrotated with the query rotated at
+``n_local``, i.e. they all sit at the fixed distance ``n_local``.
+
+One refinement over InfLLM's code: init keys keep their own positions ``0..n_init-1`` and the query
+is rotated at ``min(t, n_init + n_local - 1)`` (InfLLM puts them at distance ``n_local`` too). They
+end up at distances ``n_local..n_local+n_init-1``, and the memory equals full attention exactly as
+long as the history fits in ``n_init + n_local`` tokens (tested).
+
+Every query sees the same keys at the same positions however the history was chunked, so
+ingesting in one call or many gives the same memory while retrieval selects all blocks (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from .attention import AttnPart, apply_rope, joint_attention, representative_keys
+from .blocks import BlockStore
+from .config import MemoryConfig
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Attention geometry of the model the memory serves."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+@dataclass
+class Layout:
+    """Token bookkeeping shared by all layers (they see the same tokens)."""
+
+    n_tokens: int = 0  # tokens encoded so far
+    init_len: int = 0  # tokens in init (min(n_tokens, n_init))
+    n_evicted_blocks: int = 0  # blocks cut from the window (stored unless topk == 0)
+    base: int = 0  # absolute position of window-buffer index 0
+    win_start: int = 0  # buffer index of the oldest window token
+    win_end: int = 0  # buffer index past the newest window token
+
+
+@dataclass
+class Step:
+    """Plan for encoding one chunk of ``c`` tokens at positions ``t0..t0+c-1``, the same for every layer.
+
+    The first ``n_to_init`` tokens of the chunk go to init, the rest to window-buffer indices
+    ``[w0, w0 + c - n_to_init)``; the window starts at ``ws`` and buffer index 0 is at absolute
+    position ``base`` (both after an optional compaction by ``shift``).
+    """
+
+    c: int
+    t0: int
+    n_to_init: int
+    shift: int
+    base: int
+    ws: int
+    w0: int
+    new_blocks: int  # blocks cut from the window after the chunk
+    capture: list | None = None  # when a list, each layer appends its retrieval query (for retrieve())
+
+    @property
+    def we(self) -> int:
+        return self.w0 + self.c - self.n_to_init
+
+
+class _LayerState:
+    """Tensors one layer keeps: window buffer, init, and accumulated attention mass of window tokens."""
+
+    def __init__(self, g: Geometry, cfg: MemoryConfig, capacity: int, dtype, device):
+        kv_shape = (g.n_kv_heads, capacity, g.head_dim)
+        self.win_k = torch.zeros(kv_shape, dtype=dtype, device=device)  # unrotated, to cut blocks from
+        self.win_krot = torch.zeros(kv_shape, dtype=dtype, device=device)  # rotated at buffer index
+        self.win_v = torch.zeros(kv_shape, dtype=dtype, device=device)
+        self.win_mass = torch.zeros(g.n_heads, capacity, dtype=torch.float32, device=device)
+        init_shape = (g.n_kv_heads, cfg.n_init, g.head_dim)
+        self.init_k = torch.zeros(init_shape, dtype=dtype, device=device)
+        self.init_krot = torch.zeros(init_shape, dtype=dtype, device=device)
+        self.init_v = torch.zeros(init_shape, dtype=dtype, device=device)
+        self.init_mass = torch.zeros(g.n_heads, cfg.n_init, dtype=torch.float32, device=device)
+
+    def snapshot(self) -> dict:
+        # Window/init tensors are only written past the live range or replaced on compaction, so
+        # references suffice; attention mass is accumulated in place and must be copied.
+        snap = dict(vars(self))
+        snap["win_mass"] = self.win_mass.clone()
+        snap["init_mass"] = self.init_mass.clone()
+        return snap
+
+    def restore(self, snap: dict) -> None:
+        vars(self).update(snap)
+
+
+class Context:
+    """The InfLLM memory of all layers, driven chunk by chunk by the forward pass.
+
+    Usage per chunk: ``step = ctx.begin(c)``; for each layer ``out = ctx.attend(i, q, k, v, step)``;
+    then ``ctx.commit(step, token_ids)``.
+    """
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        config: MemoryConfig,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.g = geometry
+        self.cfg = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        # One chunk of slack beyond the largest window so compaction happens at most every other chunk.
+        self.capacity = config.window_capacity + config.chunk_size
+        need = max(self.capacity, config.n_init + config.n_local)
+        if rope_cos.shape[0] < need:
+            raise ValueError(f"rotary tables cover {rope_cos.shape[0]} positions, the memory needs {need}")
+        self.cos, self.sin = rope_cos.to(self.device), rope_sin.to(self.device)
+        on_accelerator = self.device.type != "cpu"
+        self.store = BlockStore(
+            geometry.n_layers,
+            geometry.n_heads,
+            geometry.n_kv_heads,
+            geometry.head_dim,
+            block_size=config.block_size,
+            dtype=dtype,
+            compute_device=self.device,
+            cache_device=self.device if on_accelerator else None,
+            max_cached_blocks=config.max_cached_blocks,
+        )
+        self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in range(geometry.n_layers)]
+        self.layout = Layout(base=config.n_init)
+        self.tokens: list[int] = []
+
+    # ----------------------------------------------------------------------------- chunk protocol
+    def begin(self, c: int, capture: list | None = None) -> Step:
+        cfg, lay = self.cfg, self.layout
+        if not 0 < c <= cfg.chunk_size:
+            raise ValueError(f"a step encodes 1..{cfg.chunk_size} tokens, got {c}")
+        n_to_init = max(0, min(cfg.n_init - lay.init_len, c))
+        cw = c - n_to_init
+        shift = lay.win_start if lay.win_end + cw > self.capacity else 0
+        ws, w0 = lay.win_start - shift, lay.win_end - shift
+        new_blocks = max(0, w0 + cw - ws - cfg.n_local) // cfg.block_size
+        return Step(c, lay.n_tokens, n_to_init, shift, lay.base + shift, ws, w0, new_blocks, capture)
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """Attention output ``[H, c, D]`` of layer ``i`` for queries ``q [H, c, D]``; their own keys and
+        values ``k, v [Hkv, c, D]`` (unrotated) join the memory, then blocks are cut per ``step``."""
+        cfg, st, dev = self.cfg, self.layers[i], self.device
+        cos, sin = self.cos, self.sin
+        if step.shift:
+            self._compact(st, step.shift)
+        c, ni, ws, w0, we = step.c, step.n_to_init, step.ws, step.w0, step.we
+        t = torch.arange(step.t0, step.t0 + c, device=dev)
+        if ni:
+            i0, i1 = step.t0, step.t0 + ni
+            st.init_k[:, i0:i1] = k[:, :ni]
+            st.init_krot[:, i0:i1] = apply_rope(k[:, :ni], cos[i0:i1], sin[i0:i1])
+            st.init_v[:, i0:i1] = v[:, :ni]
+        if we > w0:
+            st.win_k[:, w0:we] = k[:, ni:]
+            st.win_krot[:, w0:we] = apply_rope(k[:, ni:], cos[w0:we], sin[w0:we])
+            st.win_v[:, w0:we] = v[:, ni:]
+            st.win_mass[:, w0:we] = 0
+        simple = c == 1  # a single newest query: no mask is ever needed
+        parts: list[AttnPart] = []
+
+        il = self.layout.init_len + ni
+        if il:
+            pos = t.clamp(max=cfg.n_init + cfg.n_local - 1)
+            mask = None if simple or step.t0 >= il else torch.arange(il, device=dev)[None, :] <= t[:, None]
+            parts.append(AttnPart(apply_rope(q, cos[pos], sin[pos]), st.init_krot[:, :il], st.init_v[:, :il], mask, True))
+
+        # Local window: the last n_local tokens before each query, exact relative positions.
+        lo = max(ws, step.t0 - cfg.n_local + 1 - step.base)
+        p = None
+        if we > lo:
+            p = torch.arange(step.base + lo, step.base + we, device=dev)[None, :]
+            mask = None if simple else (p <= t[:, None]) & (p > t[:, None] - cfg.n_local)
+            qpos = (t - step.base).clamp(min=0)
+            parts.append(AttnPart(apply_rope(q, cos[qpos], sin[qpos]), st.win_krot[:, lo:we], st.win_v[:, lo:we], mask, True))
+        local = len(parts) - 1 if p is not None else None
+
+        # Everything outside the local window sits at the fixed distance n_local.
+        q_far = apply_rope(q, cos[cfg.n_local], sin[cfg.n_local])
+        hi = min(we, step.t0 + c - cfg.n_local - step.base)
+        if hi > ws:  # window tokens already out of some query's local window, not yet a block
+            pf = torch.arange(step.base + ws, step.base + hi, device=dev)[None, :]
+            mask = None if simple else pf <= t[:, None] - cfg.n_local
+            parts.append(AttnPart(q_far, st.win_k[:, ws:hi], st.win_v[:, ws:hi], mask))
+        if step.capture is not None or (cfg.topk and len(self.store.layers[i])):
+            q_mean = q_far.mean(dim=1)
+            if step.capture is not None:
+                step.capture.append(q_mean)
+            ids = self.store.select(i, q_mean, cfg.topk) if cfg.topk else []
+            if ids:
+                bk, bv = self.store.fetch(i, ids)
+                parts.append(AttnPart(q_far, bk, bv))
+
+        rows = torch.nonzero(t % cfg.mass_stride == 0).flatten() if cfg.mass_stride > 1 else None
+        out, masses = joint_attention(parts, self.g.scaling, rows)
+        if il and step.t0 < cfg.n_init + cfg.n_local:
+            # Like window tokens, init tokens collect mass only while within n_local of the queries;
+            # later every query attends to them as sinks, which says nothing about their content.
+            st.init_mass[:, :il] += masses[0]
+        if local is not None:
+            st.win_mass[:, lo:we] += masses[local]
+        self._cut_blocks(i, st, step)
+        return out
+
+    def commit(self, step: Step, token_ids: list[int]) -> None:
+        """Advance the shared layout once every layer has attended ``step``."""
+        lay = self.layout
+        lay.base = step.base
+        lay.win_start = step.ws + step.new_blocks * self.cfg.block_size
+        lay.win_end = step.we
+        lay.init_len += step.n_to_init
+        lay.n_evicted_blocks += step.new_blocks
+        lay.n_tokens += step.c
+        self.tokens.extend(token_ids)
+
+    # ----------------------------------------------------------------------------- internals
+    def _compact(self, st: _LayerState, shift: int) -> None:
+        """Move the window to the front of fresh buffers (the old ones may back a checkpoint)."""
+        lay = self.layout
+        n = lay.win_end - lay.win_start
+        src = slice(lay.win_start, lay.win_end)
+        for name in ("win_k", "win_v", "win_mass"):
+            old = getattr(st, name)
+            new = torch.zeros_like(old)
+            new[:, :n] = old[:, src]
+            setattr(st, name, new)
+        st.win_krot = torch.zeros_like(st.win_k)
+        st.win_krot[:, :n] = apply_rope(st.win_k[:, :n], self.cos[:n], self.sin[:n])
+
+    def _cut_blocks(self, i: int, st: _LayerState, step: Step) -> None:
+        bs = self.cfg.block_size
+        for b in range(step.new_blocks):
+            a = step.ws + b * bs
+            if self.cfg.topk:  # with retrieval off (StreamingLLM) evicted blocks are simply dropped
+                k = st.win_k[:, a : a + bs]
+                kv = torch.stack((k, st.win_v[:, a : a + bs]))
+                self.store.append(i, kv, representative_keys(k, st.win_mass[:, a : a + bs], self.cfg.repr_topk))
+
+    # ----------------------------------------------------------------------------- state management
+    def checkpoint(self) -> dict:
+        return {
+            "layout": replace(self.layout),
+            "layers": [st.snapshot() for st in self.layers],
+            "n_blocks": len(self.store),
+            "n_tokens": len(self.tokens),
+        }
+
+    def rollback(self, cp: dict) -> None:
+        self.layout = replace(cp["layout"])
+        for st, snap in zip(self.layers, cp["layers"]):
+            st.restore(snap)
+        self.store.truncate(cp["n_blocks"])
+        del self.tokens[cp["n_tokens"] :]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Roll back everything done inside the block if it raises (nothing half-encoded stays)."""
+        cp = self.checkpoint()
+        try:
+            yield
+        except BaseException:
+            self.rollback(cp)
+            raise
+
+    # ----------------------------------------------------------------------------- views
+    @property
+    def window_range(self) -> tuple[int, int]:
+        """Absolute token range ``[start, end)`` held in the window."""
+        lay = self.layout
+        return lay.base + lay.win_start, lay.base + lay.win_end
+
+    def block_span(self, b: int) -> tuple[int, int]:
+        start = self.cfg.n_init + b * self.cfg.block_size
+        return start, start + self.cfg.block_size
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held by tier: ``device`` (where attention runs: window, init, reprs, block cache)
+        and ``host`` (block KV off the accelerator; on CPU everything is ``host``)."""
+
+        def size(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        live = sum(size(t) for st in self.layers for t in vars(st).values())
+        store = self.store.nbytes()
+        near = live + store["repr"] + store["device"]
+        if self.device.type == "cpu":
+            return {"device": 0, "host": near + store["host"]}
+        return {"device": near, "host": store["host"]}

@@ -1,0 +1,435 @@
+"""``ContextMemory``: the one object users hold.
+
+It composes a loaded model (:mod:`memory_plugin.model`), the InfLLM memory
+(:mod:`memory_plugin.context`) and the chat format (:mod:`memory_plugin.chat`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import block_relevance, representative_keys
+from .chat import ChatFormat, StreamDecoder, check_message, check_text
+from .config import MemoryConfig
+from .model import DEFAULT_MODEL_NAME, MemoryForward, load_model
+
+
+_N_SINK = 4  # attention-sink tokens at the start of a history (StreamingLLM uses 4)
+
+
+@dataclass(frozen=True)
+class MemoryHit:
+    """A span of the history that the memory's attention finds relevant to a query."""
+
+    text: str
+    start: int  # token offsets in the history, [start, end)
+    end: int
+    score: float
+    message_index: int | None = None  # index in ``ContextMemory.messages`` of the entry holding ``start``
+    role: str | None = None  # that entry's role (None for add_text)
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    tokens: int
+    init_tokens: int
+    window_tokens: int
+    blocks: int
+    bytes: dict[str, int]  # by tier: "device" (accelerator), "host" (RAM)
+    config: MemoryConfig
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """Opaque handle from :meth:`ContextMemory.checkpoint`."""
+
+    memory: ContextMemory
+    context: object
+    state: dict
+    n_entries: int
+    clock: int
+
+
+@dataclass
+class _Entry:
+    role: str | None
+    content: str
+    start: int
+    end: int
+
+
+@dataclass
+class _Turn:
+    """State of one generation, for ``remember``."""
+
+    prompt: str
+    chat: bool = True
+    prompt_tokens: int = 0
+    answer: str = ""
+    ended_by_stop_token: bool = False
+    checkpoint: dict = field(default_factory=dict)
+
+
+class ContextMemory:
+    """Long-term memory inside a local model's attention (InfLLM).
+
+    The whole history is kept as key/value blocks; every question is answered by attention over
+    it, at a cost per turn that does not grow with the history.
+
+    Example:
+        >>> mem = ContextMemory.from_pretrained()  # doctest: +SKIP
+        >>> mem.add_message("user", "My locker code is 4721.")  # doctest: +SKIP
+        >>> mem.generate("What is my locker code?")  # doctest: +SKIP
+        'Your locker code is 4721.'
+    """
+
+    def __init__(self, model, tokenizer, config: MemoryConfig | None = None, *, model_name: str | None = None):
+        self.config = config or MemoryConfig()
+        if not isinstance(self.config, MemoryConfig):
+            raise TypeError(f"config must be a MemoryConfig, got {type(self.config).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name or getattr(model.config, "_name_or_path", None) or model.config.model_type
+        self._forward = MemoryForward(model)
+        self._chat = ChatFormat(tokenizer)
+        self._lock = threading.RLock()
+        self.reset()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        config: MemoryConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ContextMemory:
+        """Load a model and wrap it in an empty memory.
+
+        ``model``: None for the embedded SmolLM2-135M-Instruct, or a local directory, ``.gguf`` file
+        or hub id in the local cache (nothing is downloaded). Llama, Mistral and Qwen2 are supported.
+        """
+        hf_model, tokenizer = load_model(model, device=device, dtype=dtype)
+        return cls(hf_model, tokenizer, config, model_name=DEFAULT_MODEL_NAME if model is None else str(model))
+
+    # ------------------------------------------------------------------------------------ writing
+    def reset(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._ctx = self._forward.new_context(self.config)
+            self._entries: list[_Entry] = []
+            self._clock = 0
+            self._rollbacks: list[tuple[int, int]] = []  # (clock, tokens kept) for checkpoint validity
+
+    def add_message(self, role: str, content: str) -> int:
+        """Append one chat message (formatted by the model's chat template); returns tokens added."""
+        return self.add_messages([{"role": role, "content": content}])
+
+    def add_messages(self, messages: Sequence[dict]) -> int:
+        """Append chat messages in order; all are checked before any is stored. Returns tokens added."""
+        if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence):
+            raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content'")
+            check_message(m["role"], m["content"])
+        with self._lock:
+            return self._append([(m["role"], m["content"]) for m in messages])
+
+    def add_text(self, text: str) -> int:
+        """Append raw text (a document, a log), without chat formatting; returns tokens added."""
+        check_text(text)
+        with self._lock:
+            return self._append([(None, text)])
+
+    def _append(self, items: list[tuple[str | None, str]]) -> int:
+        entries, ids = [], []
+        start = len(self)
+        for role, content in items:
+            first = start + len(ids) == 0
+            new = self._chat.encode(content) if role is None else self._chat.message_ids(role, content, first=first)
+            if first:
+                new = self._first_ids(new)
+            entries.append(_Entry(role, content, start + len(ids), start + len(ids) + len(new)))
+            ids += new
+        self._encode(ids, logits="none")
+        self._entries += entries
+        return len(ids)
+
+    def _first_ids(self, ids: list[int]) -> list[int]:
+        """Prefix BOS when the history is empty and the tokenizer uses one."""
+        bos = self._chat.bos
+        return bos + ids if len(self) == 0 and ids[: len(bos)] != bos else ids
+
+    @torch.inference_mode()
+    def _encode(self, ids: list[int], *, atomic: bool = True, **kw) -> torch.Tensor | None:
+        """Run ``ids`` through the model into the memory. ``atomic``: roll back if interrupted (callers
+        that already hold a checkpoint, like a generation turn, skip the cost)."""
+        if not atomic:
+            return self._forward(torch.tensor(ids, dtype=torch.long), self._ctx, **kw)
+        with self._ctx.transaction():
+            return self._forward(torch.tensor(ids, dtype=torch.long), self._ctx, **kw)
+
+    def checkpoint(self) -> Checkpoint:
+        """A handle to the current state; :meth:`rollback` returns to it (branching, undo).
+
+        Example:
+            >>> cp = mem.checkpoint()  # doctest: +SKIP
+            >>> mem.add_message("user", "a what-if")  # doctest: +SKIP
+            >>> mem.rollback(cp)  # the what-if is forgotten  # doctest: +SKIP
+        """
+        with self._lock:
+            self._clock += 1
+            return Checkpoint(self, self._ctx, self._ctx.checkpoint(), len(self._entries), self._clock)
+
+    def rollback(self, checkpoint: Checkpoint) -> None:
+        """Forget everything added after ``checkpoint`` was taken."""
+        if not isinstance(checkpoint, Checkpoint) or checkpoint.memory is not self:
+            raise ValueError("rollback() needs a checkpoint taken from this memory")
+        with self._lock:
+            n = checkpoint.state["n_tokens"]
+            # Valid only while the history still extends the checkpoint's: no reset, no rollback below it.
+            cut = any(c > checkpoint.clock and kept < n for c, kept in self._rollbacks)
+            if checkpoint.context is not self._ctx or cut:
+                raise ValueError("this checkpoint is no longer valid: the memory was reset or rolled back past it")
+            self._ctx.rollback(checkpoint.state)
+            del self._entries[checkpoint.n_entries :]
+            self._clock += 1
+            self._rollbacks.append((self._clock, n))
+
+    # ------------------------------------------------------------------------------------ reading
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        stop: Sequence[str] | None = None,
+        remember: bool = False,
+        *,
+        chat: bool = True,
+        min_new_tokens: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
+        """Answer ``prompt`` with attention over the whole memory.
+
+        ``chat=True`` appends the prompt as a user turn plus the template's generation prompt;
+        ``chat=False`` appends it as raw text and continues it (completion, as for base models).
+        ``remember=False`` leaves the memory exactly as before; ``remember=True`` stores the prompt
+        and the answer as history. ``temperature=0`` is greedy; ``stop`` strings end the answer
+        (they are not included); the end-of-turn token is suppressed until ``min_new_tokens`` tokens
+        are out; ``seed`` makes sampling reproducible.
+        """
+        return "".join(
+            self.stream(
+                prompt,
+                max_new_tokens,
+                temperature,
+                stop,
+                remember,
+                chat=chat,
+                min_new_tokens=min_new_tokens,
+                top_p=top_p,
+                seed=seed,
+            )
+        )
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        stop: Sequence[str] | None = None,
+        remember: bool = False,
+        *,
+        chat: bool = True,
+        min_new_tokens: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Like :meth:`generate`, yielding text pieces as they are produced."""
+        check_text(prompt, "prompt")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not all(isinstance(s, str) for s in stop):
+            raise TypeError("stop must be a list of str")
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be a non-negative int, got {min_new_tokens!r}")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        turn = _Turn(prompt, chat=bool(chat))
+        sampling = dict(temperature=float(temperature), top_p=top_p, gen=gen, min_new_tokens=min_new_tokens)
+        return self._stream(turn, max_new_tokens, list(stop or []), remember, sampling)
+
+    def _stream(self, turn: _Turn, max_new_tokens: int, stop: list[str], remember: bool, sampling: dict):
+        with self._lock:
+            turn.checkpoint = self._ctx.checkpoint()
+            try:
+                if turn.chat:
+                    ids = self._chat.message_ids("user", turn.prompt, first=len(self) == 0)
+                    turn.prompt_tokens = len(ids)
+                    ids += self._chat.encode(self._chat.generation_prompt)
+                else:
+                    ids = self._first_ids(self._chat.encode(turn.prompt))
+                    turn.prompt_tokens = len(ids)
+                logits = self._encode(ids, atomic=False)
+                dec = StreamDecoder(self.tokenizer, stop)
+                min_new = sampling.pop("min_new_tokens")
+                for i in range(max_new_tokens):
+                    if i < min_new:
+                        logits = self._chat.suppress_stop(logits)
+                    token = _sample(logits, **sampling)
+                    if token in self._chat.stop_ids:
+                        turn.ended_by_stop_token = True
+                        break
+                    piece = dec.push(token)
+                    if piece:
+                        turn.answer += piece
+                        yield piece
+                    if dec.stopped:
+                        break
+                    if i + 1 < max_new_tokens:
+                        logits = self._encode([token], atomic=False)
+                tail = dec.flush()
+                if tail:
+                    turn.answer += tail
+                    yield tail
+            except GeneratorExit:  # the caller stopped reading: the turn ends here
+                self._finish(turn, remember)
+                raise
+            except BaseException:
+                self._ctx.rollback(turn.checkpoint)
+                raise
+            else:
+                self._finish(turn, remember)
+
+    def _finish(self, turn: _Turn, remember: bool) -> None:
+        """Restore the memory after a turn, or store the turn as history."""
+        if remember and turn.chat and turn.ended_by_stop_token and turn.answer:
+            # The model's own tokens are kept; only the template's end-of-turn text is added.
+            start = turn.checkpoint["n_tokens"]
+            self._encode(self._chat.encode(self._chat.assistant_suffix), logits="none")
+            mid = start + turn.prompt_tokens
+            self._entries += [_Entry("user", turn.prompt, start, mid), _Entry("assistant", turn.answer, mid, len(self))]
+            return
+        self._ctx.rollback(turn.checkpoint)
+        if remember and turn.chat:
+            self._append([("user", turn.prompt)] + ([("assistant", turn.answer)] if turn.answer else []))
+        elif remember:
+            self._append([(None, turn.prompt + turn.answer)])
+
+    @torch.inference_mode()
+    def retrieve(self, query: str, k: int = 4) -> list[MemoryHit]:
+        """The ``k`` spans of history most relevant to ``query``, by the memory's own relevance
+        (mean query · representative keys, as for block selection), standardised per layer and
+        averaged over layers. Spans are memory blocks, plus block-sized pieces of the initial tokens
+        and of the local window, so the whole history is searchable. The memory is not changed.
+        """
+        check_text(query, "query")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be a non-negative int, got {k!r}")
+        with self._lock:
+            if k == 0 or len(self) == 0:
+                return []
+            spans, reprs = self._retrieval_candidates()
+            capture: list[torch.Tensor] = []
+            cp = self._ctx.checkpoint()
+            try:
+                self._forward(torch.tensor(self._chat.encode(query)), self._ctx, logits="none", capture=capture)
+            finally:
+                self._ctx.rollback(cp)
+            n_layers = len(reprs)
+            q = torch.stack(capture).view(-1, n_layers, *capture[0].shape).mean(dim=0)
+            score = torch.zeros(len(spans))
+            for layer in range(n_layers):
+                s = block_relevance(q[layer], reprs[layer]).cpu()
+                score += (s - s.mean()) / (s.std() + 1e-6) if len(s) > 1 else s
+            score /= n_layers
+            order = score.topk(min(k, len(spans))).indices.tolist()
+            return [self._hit(*spans[i], float(score[i])) for i in order]
+
+    def _retrieval_candidates(self) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+        """Spans ``[start, end)`` and per layer their representative keys ``[n_spans, H, D]``."""
+        ctx, cfg = self._ctx, self.config
+        lay = ctx.layout
+        bs = cfg.block_size
+        n_blocks = len(ctx.store)
+        spans = [ctx.block_span(b) for b in range(n_blocks)]
+        init = [(a, min(a + bs, lay.init_len)) for a in range(0, lay.init_len, bs)]
+        w0, w1 = ctx.window_range
+        window = [(a, min(a + bs, w1)) for a in range(w0, w1, bs)]
+        reprs = []
+        for i, st in enumerate(ctx.layers):
+            extra = []
+            for a, b in init:
+                mass = st.init_mass[:, a:b].clone()
+                if a == 0 and b > _N_SINK + cfg.repr_topk:
+                    # The first tokens are attention sinks: huge mass, no content. Don't let them
+                    # represent the span, or it matches every query.
+                    mass[:, :_N_SINK] = float("-inf")
+                extra.append(representative_keys(st.init_k[:, a:b], mass, min(cfg.repr_topk, b - a)))
+            for a, b in window:
+                j = lay.win_start + (a - w0)
+                sl = slice(j, j + b - a)
+                extra.append(representative_keys(st.win_k[:, sl], st.win_mass[:, sl], min(cfg.repr_topk, b - a)))
+            parts = [ctx.store.layers[i].reprs[:n_blocks]] + ([torch.stack(extra)] if extra else [])
+            reprs.append(torch.cat(parts))
+        return spans + init + window, reprs
+
+    def _hit(self, start: int, end: int, score: float) -> MemoryHit:
+        entry = next((j for j, e in enumerate(self._entries) if e.start <= start < e.end), None)
+        role = self._entries[entry].role if entry is not None else None
+        text = self.tokenizer.decode(self._ctx.tokens[start:end], skip_special_tokens=True)
+        return MemoryHit(text, start, end, score, entry, role)
+
+    # ------------------------------------------------------------------------------------ inspection
+    @property
+    def messages(self) -> list[dict]:
+        """Stored entries in order as ``{"role", "content"}`` (``role`` None for :meth:`add_text`)."""
+        return [{"role": e.role, "content": e.content} for e in self._entries]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._ctx.tokens)
+
+    def stats(self) -> MemoryStats:
+        lay = self._ctx.layout
+        w0, w1 = self._ctx.window_range
+        return MemoryStats(
+            tokens=len(self),
+            init_tokens=lay.init_len,
+            window_tokens=w1 - w0,
+            blocks=len(self._ctx.store),
+            bytes=self._ctx.nbytes(),
+            config=self.config,
+        )
+
+    def __len__(self) -> int:
+        return self._ctx.layout.n_tokens
+
+    def __repr__(self) -> str:
+        return f"ContextMemory(model={self.model_name!r}, tokens={len(self)}, config={self.config})"
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+    if top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))

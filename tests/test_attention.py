@@ -1,0 +1,100 @@
+"""The attention maths against a plain softmax over concatenated logits."""
+
+import pytest
+import torch
+
+from memory_plugin import attention
+from memory_plugin.attention import AttnPart, apply_rope, block_relevance, joint_attention, representative_keys
+
+H, HKV, D = 6, 2, 16
+
+
+def _reference(parts, scaling):
+    logits, values = [], []
+    for p in parts:
+        k = p.k.repeat_interleave(H // HKV, dim=0)
+        lg = p.q @ k.transpose(-1, -2) * scaling
+        if p.mask is not None:
+            lg = lg.masked_fill(~p.mask, float("-inf"))
+        logits.append(lg)
+        values.append(p.v.repeat_interleave(H // HKV, dim=0))
+    probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+    out = probs @ torch.cat(values, dim=-2)
+    sizes = [p.k.shape[1] for p in parts]
+    return out, list(torch.split(probs, sizes, dim=-1))
+
+
+def _parts(c, gen):
+    q1, q2 = torch.randn(H, c, D, generator=gen), torch.randn(H, c, D, generator=gen)
+    n_local, n_far = c + 20, 37
+    local_mask = torch.ones(c, n_local, dtype=torch.bool).tril(n_local - c)  # causal, chunk at the end
+    far_mask = torch.rand(c, n_far, generator=gen) > 0.3
+    return [
+        AttnPart(q1, torch.randn(HKV, n_local, D, generator=gen), torch.randn(HKV, n_local, D, generator=gen), local_mask, True),
+        AttnPart(q2, torch.randn(HKV, n_far, D, generator=gen), torch.randn(HKV, n_far, D, generator=gen), far_mask, True),
+        AttnPart(q2, torch.randn(HKV, 9, D, generator=gen), torch.randn(HKV, 9, D, generator=gen)),
+        AttnPart(q2, torch.zeros(HKV, 0, D), torch.zeros(HKV, 0, D), None, True),  # an empty part is allowed
+    ]
+
+
+@pytest.mark.parametrize("c", [1, 3, 40])  # 40 takes the fused CPU flash path, 1 and 3 the explicit one
+@pytest.mark.parametrize("rows", [None, "every_third"])
+def test_joint_attention_is_one_softmax_over_all_parts(c, rows):
+    gen = torch.Generator().manual_seed(c)
+    parts = _parts(c, gen)
+    mass_rows = torch.arange(0, c, 3) if rows else None
+    out, masses = joint_attention(parts, 0.25, mass_rows)
+    ref_out, ref_probs = _reference(parts, 0.25)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    for m, p, part in zip(masses, ref_probs, parts):
+        if not part.want_mass:
+            assert m is None
+            continue
+        sel = p if mass_rows is None else p[:, mass_rows]
+        torch.testing.assert_close(m, sel.sum(dim=1), atol=1e-5, rtol=1e-4)
+
+
+def test_explicit_path_matches_flash_path(monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    parts = _parts(32, gen)
+    out_flash, m_flash = joint_attention(parts, 0.3)
+    monkeypatch.setattr(attention, "_FLASH_CPU", None)
+    out_expl, m_expl = joint_attention(parts, 0.3)
+    torch.testing.assert_close(out_flash, out_expl, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(m_flash[0], m_expl[0], atol=1e-5, rtol=1e-4)
+
+
+def test_rope_preserves_norm_and_encodes_relative_position():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, D, generator=gen), torch.randn(1, D, generator=gen)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2) / D))
+
+    def table(pos):
+        ang = torch.tensor([float(pos)])[:, None] * inv
+        emb = torch.cat([ang, ang], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def dot(pq, pk):
+        return (apply_rope(q, *table(pq)) * apply_rope(k, *table(pk))).sum()
+
+    assert torch.allclose(apply_rope(q, *table(5)).norm(), q.norm(), atol=1e-5)
+    assert torch.allclose(dot(10, 3), dot(107, 100), atol=1e-4)
+    assert not torch.allclose(dot(10, 3), dot(10, 4), atol=1e-4)
+
+
+def test_representative_keys_average_the_most_attended_tokens_per_head():
+    k = torch.randn(HKV, 8, D)
+    mass = torch.rand(H, 8)
+    mass[0, [2, 5]] = 10.0  # head 0 (kv head 0) attended tokens 2 and 5 most
+    mass[5, [1, 7]] = 10.0  # head 5 (kv head 1) attended tokens 1 and 7 most
+    r = representative_keys(k, mass, repr_topk=2)
+    assert r.shape == (H, D)
+    torch.testing.assert_close(r[0], (k[0, 2] + k[0, 5]) / 2)
+    torch.testing.assert_close(r[5], (k[1, 1] + k[1, 7]) / 2)
+
+
+def test_block_relevance_is_dot_product_summed_over_heads():
+    q = torch.randn(H, D)
+    reprs = torch.randn(5, H, D)
+    expected = torch.stack([(q * reprs[b]).sum() for b in range(5)])
+    torch.testing.assert_close(block_relevance(q, reprs), expected)

@@ -1,0 +1,81 @@
+import torch
+
+from memory_plugin.blocks import BlockStore
+
+H, HKV, D, BS = 4, 2, 8, 4
+
+
+def _store(**kw):
+    return BlockStore(2, H, HKV, D, block_size=BS, dtype=torch.float32, **kw)
+
+
+def _fill(store, n, layer=0):
+    blocks = []
+    for b in range(n):
+        kv = torch.full((2, HKV, BS, D), float(b))
+        store.append(layer, kv, torch.randn(H, D))
+        blocks.append(kv)
+    return blocks
+
+
+def test_select_returns_all_blocks_when_fewer_than_topk():
+    store = _store()
+    _fill(store, 3)
+    assert store.select(0, torch.randn(H, D), topk=5) == [0, 1, 2]
+
+
+def test_select_picks_the_most_relevant_blocks_in_ascending_order():
+    store = _store()
+    _fill(store, 6)
+    q = torch.randn(H, D)
+    scores = torch.einsum("hd,bhd->b", q, store.layers[0].reprs)
+    expected = sorted(scores.topk(2).indices.tolist())
+    assert store.select(0, q, topk=2) == expected
+
+
+def test_fetch_concatenates_block_kv_along_tokens():
+    store = _store()
+    blocks = _fill(store, 4)
+    k, v = store.fetch(0, [1, 3])
+    assert k.shape == (HKV, 2 * BS, D)
+    torch.testing.assert_close(k[:, :BS], blocks[1][0])
+    torch.testing.assert_close(v[:, BS:], blocks[3][1])
+
+
+def test_reprs_grow_past_initial_capacity_and_truncate_forgets():
+    store = _store()
+    _fill(store, 40)
+    _fill(store, 40, layer=1)
+    assert len(store) == 40 and store.layers[0].reprs.shape == (40, H, D)
+    store.fetch(0, [38, 39])
+    store.truncate(10)
+    assert len(store) == 10
+    assert store.select(0, torch.randn(H, D), topk=20) == list(range(10))
+    assert store._last[0] is None  # a memoised selection of dropped blocks is forgotten
+
+
+def test_device_lru_cache_hits_misses_and_evicts_least_recent_unselected():
+    store = _store(cache_device="cpu", max_cached_blocks=3)
+    blocks = _fill(store, 6)
+    cache = store.caches[0]
+    k, _ = store.fetch(0, [0, 1])
+    assert (cache.hits, cache.misses) == (0, 2)
+    store.fetch(0, [1, 2])  # 1 hits, 2 misses; cache now {0, 1, 2} with 0 least recent
+    assert (cache.hits, cache.misses) == (1, 3)
+    k, _ = store.fetch(0, [2, 3])  # needs a slot: evicts 0 (least recent, not selected)
+    assert set(cache.slot_of) == {1, 2, 3}
+    torch.testing.assert_close(k[:, BS:], blocks[3][0])
+    k, _ = store.fetch(0, [0, 3])  # 0 is re-loaded from host and evicts 1
+    assert set(cache.slot_of) == {0, 2, 3}
+    torch.testing.assert_close(k[:, :BS], blocks[0][0])
+    store.truncate(3)
+    assert set(cache.slot_of) == {0, 2}
+
+
+def test_nbytes_counts_host_blocks_and_reprs():
+    store = _store()
+    _fill(store, 3)
+    nb = store.nbytes()
+    assert nb["host"] == 3 * 2 * HKV * BS * D * 4
+    assert nb["repr"] == 3 * H * D * 4
+    assert nb["device"] == 0
