@@ -187,6 +187,7 @@ def main() -> None:
     sw.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
     rep = sub.add_parser("report", help="markdown table and plot from an 'all' run")
     rep.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey"))
+    rep.add_argument("--sweep", action="store_true", help="the directory holds a sweep")
     a = p.parse_args()
 
     if a.cmd == "one":
@@ -208,9 +209,9 @@ def main() -> None:
             res = _run_subprocess("contextmemory", a.length, a.depths, a.seeds, overrides, a.out / f"{name}.json")
             print(f"   {name}: ingest {res['ingest_tok_s']:.0f} tok/s, turn {res['turn_seconds']:.2f}s", flush=True)
     elif a.cmd == "report":
-        from report import passkey_report  # benchmarks/report.py
+        from report import passkey_report, sweep_report  # benchmarks/report.py
 
-        print(passkey_report(a.out))
+        print(sweep_report(a.out) if a.sweep else passkey_report(a.out))
 
 
 if __name__ == "__main__":

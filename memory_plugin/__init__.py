@@ -8,11 +8,16 @@ Example:
 """
 
 from .config import MemoryConfig
-from .memory import ContextMemory, MemoryHit, MemoryStats
+from .memory import Checkpoint, ContextMemory, Entry, MemoryHit, MemoryStats
 from .model import ModelNotFoundError, UnsupportedModelError, load_model
+from .sessions import Conversation, ConversationPool
 
 __all__ = [
+    "Checkpoint",
     "ContextMemory",
+    "Conversation",
+    "ConversationPool",
+    "Entry",
     "MemoryConfig",
     "MemoryHit",
     "MemoryStats",

@@ -58,19 +58,23 @@ class Checkpoint:
     clock: int
 
 
-@dataclass
-class _Entry:
+@dataclass(frozen=True)
+class Entry:
+    """One stored message (or ``add_text`` document) and its token span ``[start, end)`` in the history."""
+
     role: str | None
     content: str
     start: int
     end: int
 
 
+
+
 @dataclass
 class _Turn:
     """State of one generation, for ``remember``."""
 
-    prompt: str
+    prompt: str | None
     chat: bool = True
     prompt_tokens: int = 0
     answer: str = ""
@@ -125,7 +129,7 @@ class ContextMemory:
         """Forget everything."""
         with self._lock:
             self._ctx = self._forward.new_context(self.config)
-            self._entries: list[_Entry] = []
+            self._entries: list[Entry] = []
             self._clock = 0
             self._rollbacks: list[tuple[int, int]] = []  # (clock, tokens kept) for checkpoint validity
 
@@ -158,7 +162,7 @@ class ContextMemory:
             new = self._chat.encode(content) if role is None else self._chat.message_ids(role, content, first=first)
             if first:
                 new = self._first_ids(new)
-            entries.append(_Entry(role, content, start + len(ids), start + len(ids) + len(new)))
+            entries.append(Entry(role, content, start + len(ids), start + len(ids) + len(new)))
             ids += new
         self._encode(ids, logits="none")
         self._entries += entries
@@ -208,7 +212,7 @@ class ContextMemory:
     # ------------------------------------------------------------------------------------ reading
     def generate(
         self,
-        prompt: str,
+        prompt: str | None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         stop: Sequence[str] | None = None,
@@ -221,8 +225,10 @@ class ContextMemory:
     ) -> str:
         """Answer ``prompt`` with attention over the whole memory.
 
-        ``chat=True`` appends the prompt as a user turn plus the template's generation prompt;
-        ``chat=False`` appends it as raw text and continues it (completion, as for base models).
+        ``chat=True`` appends the prompt as a user turn plus the template's generation prompt
+        (``prompt=None``: only the generation prompt, i.e. the assistant's next turn after the history
+        as it stands, e.g. after a tool result); ``chat=False`` appends it as raw text and continues
+        it (completion, as for base models).
         ``remember=False`` leaves the memory exactly as before; ``remember=True`` stores the prompt
         and the answer as history. ``temperature=0`` is greedy; ``stop`` strings end the answer
         (they are not included); the end-of-turn token is suppressed until ``min_new_tokens`` tokens
@@ -244,7 +250,7 @@ class ContextMemory:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         stop: Sequence[str] | None = None,
@@ -256,7 +262,10 @@ class ContextMemory:
         seed: int | None = None,
     ) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are produced."""
-        check_text(prompt, "prompt")
+        if prompt is not None or not chat:
+            check_text(prompt, "prompt")
+        elif len(self) == 0:
+            raise ValueError("prompt=None answers the history, but the memory is empty")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0:
@@ -279,7 +288,7 @@ class ContextMemory:
             turn.checkpoint = self._ctx.checkpoint()
             try:
                 if turn.chat:
-                    ids = self._chat.message_ids("user", turn.prompt, first=len(self) == 0)
+                    ids = [] if turn.prompt is None else self._chat.message_ids("user", turn.prompt, first=len(self) == 0)
                     turn.prompt_tokens = len(ids)
                     ids += self._chat.encode(self._chat.generation_prompt)
                 else:
@@ -323,11 +332,14 @@ class ContextMemory:
             start = turn.checkpoint["n_tokens"]
             self._encode(self._chat.encode(self._chat.assistant_suffix), logits="none")
             mid = start + turn.prompt_tokens
-            self._entries += [_Entry("user", turn.prompt, start, mid), _Entry("assistant", turn.answer, mid, len(self))]
+            if turn.prompt is not None:
+                self._entries.append(Entry("user", turn.prompt, start, mid))
+            self._entries.append(Entry("assistant", turn.answer, mid, len(self)))
             return
         self._ctx.rollback(turn.checkpoint)
         if remember and turn.chat:
-            self._append([("user", turn.prompt)] + ([("assistant", turn.answer)] if turn.answer else []))
+            user = [] if turn.prompt is None else [("user", turn.prompt)]
+            self._append(user + ([("assistant", turn.answer)] if turn.answer else []))
         elif remember:
             self._append([(None, turn.prompt + turn.answer)])
 
@@ -400,6 +412,11 @@ class ContextMemory:
     def messages(self) -> list[dict]:
         """Stored entries in order as ``{"role", "content"}`` (``role`` None for :meth:`add_text`)."""
         return [{"role": e.role, "content": e.content} for e in self._entries]
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Stored entries with their token spans (to map :class:`MemoryHit` offsets back to sources)."""
+        return list(self._entries)
 
     @property
     def token_ids(self) -> list[int]:
