@@ -45,7 +45,7 @@ def _depths(n: int) -> list[float]:
 def _config(overrides: list[str]):
     from memory_plugin import MemoryConfig
 
-    kw = {k: int(v) for k, v in (o.split("=", 1) for o in overrides)}
+    kw = {k: int(v) if v.isdigit() else v for k, v in (o.split("=", 1) for o in overrides)}
     return MemoryConfig(**kw)
 
 

@@ -1,5 +1,6 @@
-"""Storage of memory blocks: their KV in host memory, their representative keys, and an LRU
-cache of blocks on the accelerator when the model runs on one.
+"""Storage of memory blocks: their KV (in RAM, or on disk in safetensors shards when a RAM budget
+is set), their representative keys (always in RAM: every step scans them), optional quantisation,
+and an LRU cache of blocks on the accelerator when the model runs on one.
 
 Blocks are formed in every layer at the same token boundaries, so block ``b`` always covers
 tokens ``[n_init + b * block_size, n_init + (b + 1) * block_size)`` of the history.
@@ -7,18 +8,191 @@ tokens ``[n_init + b * block_size, n_init + (b + 1) * block_size)`` of the histo
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import struct
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save as st_save
 
 from .attention import block_relevance
 
+CODECS = ("none", "bf16", "int8")
 
+
+class BlockCodec:
+    """How block KV is stored: as computed (``none``), ``bf16``, or ``int8`` with one float scale
+    per channel (kv, head, dim) of the block. Encoded blocks are dicts of tensors."""
+
+    def __init__(self, kind: str, dtype: torch.dtype):
+        if kind not in CODECS:
+            raise ValueError(f"kv_quantization must be one of {CODECS}, got {kind!r}")
+        self.kind, self.dtype = kind, dtype
+
+    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.kind == "none":
+            return {"kv": kv}
+        if self.kind == "bf16":
+            return {"kv": kv.to(torch.bfloat16)}
+        scale = kv.abs().amax(dim=-2, keepdim=True).float().clamp_min(1e-8) / 127.0  # [2, Hkv, 1, D]
+        q = (kv.float() / scale).round_().clamp_(-127, 127).to(torch.int8)
+        return {"kv": q, "scale": scale}
+
+    def decode(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.kind == "int8":
+            return (enc["kv"].float() * enc["scale"]).to(self.dtype)
+        return enc["kv"].to(self.dtype)
+
+    def decode_many(self, encs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        kv = torch.stack([e["kv"] for e in encs])
+        if self.kind == "int8":
+            return (kv.float() * torch.stack([e["scale"] for e in encs])).to(self.dtype)
+        return kv.to(self.dtype)
+
+
+def _nbytes(enc: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in enc.values())
+
+
+# ----------------------------------------------------------------------------------------- shards
+@dataclass
+class ShardInfo:
+    """One immutable safetensors file holding blocks ``[first, first + n)`` of every layer."""
+
+    file: str
+    first: int
+    n: int
+    sha256: str
+    nbytes: int
+
+    def to_dict(self) -> dict:
+        return vars(self).copy()
+
+
+class ShardSet:
+    """Blocks on disk. Files are written once (temp file, fsync, rename) and read back with
+    positioned reads, block by block: mapped pages would count against the process's resident
+    memory, which is what a RAM budget is about."""
+
+    def __init__(self, directory: Path, prefix: str = "blocks"):
+        self.dir = Path(directory)
+        self.prefix = prefix
+        self.shards: list[ShardInfo] = []
+        self._index: dict[str, tuple[dict, int]] = {}  # file -> (header, data start)
+        self._fds: dict[str, int] = {}
+
+    @property
+    def n_blocks(self) -> int:
+        return self.shards[-1].first + self.shards[-1].n if self.shards else 0
+
+    def write(self, first: int, blocks: list[list[dict]], reprs: list[torch.Tensor]) -> ShardInfo:
+        """Write blocks ``first..`` (``blocks[layer][i]`` encoded, ``reprs[layer]`` ``[n, H, D]``)."""
+        tensors = {}
+        for layer, (encs, rep) in enumerate(zip(blocks, reprs)):
+            for name in encs[0]:
+                tensors[f"{name}.{layer}"] = torch.stack([e[name] for e in encs]).contiguous()
+            tensors[f"repr.{layer}"] = rep.contiguous()
+        data = st_save(tensors, metadata={"first": str(first), "n": str(len(blocks[0]))})
+        # Unique names: a file is never rewritten, so a manifest never points at a changed file.
+        name = f"{self.prefix}-{first:08d}-{len(blocks[0]):06d}-{os.urandom(3).hex()}.safetensors"
+        atomic_write(self.dir / name, data)
+        info = ShardInfo(name, first, len(blocks[0]), hashlib.sha256(data).hexdigest(), len(data))
+        self.shards.append(info)
+        return info
+
+    def _locate(self, b: int) -> ShardInfo:
+        for s in reversed(self.shards):
+            if s.first <= b < s.first + s.n:
+                return s
+        raise KeyError(f"block {b} is not on disk")
+
+    def _header(self, file: str) -> tuple[dict, int, int]:
+        if file not in self._index:
+            fd = os.open(self.dir / file, os.O_RDONLY)
+            (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, size, 8))
+            self._index[file] = (header, 8 + size)
+            self._fds[file] = fd
+        header, start = self._index[file]
+        return header, start, self._fds[file]
+
+    def read(self, layer: int, b: int) -> dict[str, torch.Tensor]:
+        """Block ``b`` of ``layer``, encoded, read from disk."""
+        s = self._locate(b)
+        header, start, fd = self._header(s.file)
+        out = {}
+        for name in ("kv", "scale"):
+            meta = header.get(f"{name}.{layer}")
+            if meta is None:
+                continue
+            shape = meta["shape"]
+            lo, hi = meta["data_offsets"]
+            per = (hi - lo) // shape[0]
+            buf = bytearray(os.pread(fd, per, start + lo + (b - s.first) * per))
+            dtype = _DTYPES[meta["dtype"]]
+            out[name] = torch.frombuffer(buf, dtype=dtype).view(shape[1:])
+        return out
+
+    def read_reprs(self, layer: int) -> torch.Tensor:
+        parts = []
+        for s in self.shards:
+            header, start, fd = self._header(s.file)
+            meta = header[f"repr.{layer}"]
+            lo, hi = meta["data_offsets"]
+            buf = bytearray(os.pread(fd, hi - lo, start + lo))
+            parts.append(torch.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).view(meta["shape"])[: s.n])
+        return torch.cat(parts) if parts else None
+
+    def truncate(self, n: int) -> list[str]:
+        """Forget blocks ``n`` and later; returns shard files no longer referenced."""
+        dropped = [s.file for s in self.shards if s.first >= n]
+        self.shards = [s for s in self.shards if s.first < n]
+        if self.shards and self.shards[-1].first + self.shards[-1].n > n:
+            self.shards[-1].n = n - self.shards[-1].first  # the file stays; its tail is ignored
+        for f in dropped:
+            self.forget(f)
+        return dropped
+
+    def forget(self, file: str) -> None:
+        fd = self._fds.pop(file, None)
+        if fd is not None:
+            os.close(fd)
+        self._index.pop(file, None)
+
+    def close(self) -> None:
+        for f in list(self._fds):
+            self.forget(f)
+
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8}
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ----------------------------------------------------------------------------------------- store
 class _LayerBlocks:
-    """Blocks of one layer: KV per block ``[2, Hkv, block_size, D]`` on the host, reprs ``[n, H, D]``."""
+    """Blocks of one layer: encoded KV per block (None while only on disk), reprs ``[n, H, D]``."""
 
     def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.kv: list[torch.Tensor] = []
+        self.kv: list[dict | None] = []
         self._repr = torch.empty(16, n_heads, head_dim, dtype=dtype, device=device)
 
     def __len__(self) -> int:
@@ -28,14 +202,19 @@ class _LayerBlocks:
     def reprs(self) -> torch.Tensor:
         return self._repr[: len(self.kv)]
 
-    def append(self, kv: torch.Tensor, repr_key: torch.Tensor) -> None:
+    def set_reprs(self, reprs: torch.Tensor) -> None:
+        self._repr = reprs.to(self._repr.device, self._repr.dtype).clone()
+        if self._repr.shape[0] == 0:
+            self._repr = self._repr.new_empty(16, *self._repr.shape[1:])
+
+    def append(self, enc: dict, repr_key: torch.Tensor) -> None:
         n = len(self.kv)
         if n == self._repr.shape[0]:  # grow by doubling: reprs stay one tensor for a fast top-k
             grown = self._repr.new_empty(2 * n, *self._repr.shape[1:])
             grown[:n] = self._repr
             self._repr = grown
         self._repr[n] = repr_key
-        self.kv.append(kv)
+        self.kv.append(enc)
 
     def truncate(self, n: int) -> None:
         del self.kv[n:]
@@ -51,7 +230,7 @@ class _DeviceLRU:
         self.hits = 0
         self.misses = 0
 
-    def slots(self, ids: list[int], host: list[torch.Tensor]) -> list[int]:
+    def slots(self, ids: list[int], load) -> list[int]:
         wanted = set(ids)
         out = []
         for b in ids:
@@ -63,7 +242,7 @@ class _DeviceLRU:
                     victim = next(v for v in self.slot_of if v not in wanted)
                     self.free.append(self.slot_of.pop(victim))
                 slot = self.free.pop()
-                self.data[slot].copy_(host[b], non_blocking=True)
+                self.data[slot].copy_(load(b), non_blocking=True)
                 self.slot_of[b] = slot
                 self.misses += 1
             out.append(self.slot_of[b])
@@ -80,10 +259,13 @@ class BlockStore:
 
     Args:
         n_layers, n_heads, n_kv_heads, head_dim, block_size: model and memory geometry.
-        dtype: storage dtype of K/V (the model's).
+        dtype: the dtype attention computes in (the model's).
         compute_device: where attention runs; reprs live there (they are scanned every step).
         cache_device: an accelerator to keep an LRU of ``max_cached_blocks`` blocks per layer on;
             None keeps blocks only in host memory (CPU inference).
+        kv_quantization: "none", "bf16" or "int8" storage of block KV.
+        spill_dir: directory for block shards; with ``resident_budget`` (bytes of block KV kept in
+            RAM, or a callable returning it) older blocks are written there and read back on demand.
 
     Example:
         >>> store = BlockStore(2, 4, 2, 8, block_size=16, dtype=torch.float32)
@@ -103,8 +285,12 @@ class BlockStore:
         compute_device: torch.device | str = "cpu",
         cache_device: torch.device | str | None = None,
         max_cached_blocks: int = 64,
+        kv_quantization: str = "none",
+        spill_dir: Path | None = None,
+        resident_budget: int | None = None,
     ):
         self.block_size = block_size
+        self.codec = BlockCodec(kv_quantization, dtype)
         self.compute_device = torch.device(compute_device)
         self.cache_device = torch.device(cache_device) if cache_device is not None else None
         self._pin = self.cache_device is not None and self.cache_device.type == "cuda"
@@ -115,6 +301,11 @@ class BlockStore:
             if self.cache_device is not None
             else None
         )
+        self.disk = ShardSet(spill_dir) if spill_dir is not None else None
+        self.resident_budget = resident_budget
+        self.persisted = 0  # blocks [0, persisted) are on disk
+        self._clean: OrderedDict[tuple[int, int], int] = OrderedDict()  # resident on-disk blocks, LRU
+        self._resident = 0  # bytes of encoded block KV held in RAM
         # Last gathered selection per layer: consecutive decode steps mostly pick the same blocks.
         self._last: list[tuple[tuple[int, ...], torch.Tensor] | None] = [None] * n_layers
 
@@ -122,15 +313,45 @@ class BlockStore:
         """Number of complete blocks (formed in every layer)."""
         return min(len(layer) for layer in self.layers)
 
+    # -------------------------------------------------------------------------------- writing
     def append(self, layer: int, kv: torch.Tensor, repr_key: torch.Tensor) -> int:
         """Store one block's ``kv [2, Hkv, block_size, D]`` and representative key ``[H, D]``."""
-        host = kv.detach().to("cpu", copy=True).contiguous()
+        enc = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in self.codec.encode(kv).items()}
         if self._pin:
-            host = host.pin_memory()
+            enc = {k: t.pin_memory() for k, t in enc.items()}
         blocks = self.layers[layer]
-        blocks.append(host, repr_key.to(self.compute_device))
+        blocks.append(enc, repr_key.to(self.compute_device))
+        self._resident += _nbytes(enc)
+        if layer == len(self.layers) - 1:
+            self._enforce_budget()
         return len(blocks) - 1
 
+    def flush(self) -> ShardInfo | None:
+        """Write blocks not yet on disk to a new shard (they stay in RAM, now evictable)."""
+        n = len(self)
+        if self.disk is None or n <= self.persisted:
+            return None
+        first = self.persisted
+        encs = [layer.kv[first:n] for layer in self.layers]
+        info = self.disk.write(first, encs, [layer.reprs[first:n].cpu() for layer in self.layers])
+        for i in range(len(self.layers)):
+            for b in range(first, n):
+                self._clean[(i, b)] = _nbytes(self.layers[i].kv[b])
+        self.persisted = n
+        return info
+
+    def _enforce_budget(self) -> None:
+        if self.resident_budget is None or self.disk is None:
+            return
+        budget = self.resident_budget() if callable(self.resident_budget) else self.resident_budget
+        if self._resident > budget:
+            self.flush()
+        while self._resident > budget and self._clean:
+            (i, b), nb = self._clean.popitem(last=False)
+            self.layers[i].kv[b] = None
+            self._resident -= nb
+
+    # -------------------------------------------------------------------------------- reading
     def select(self, layer: int, q_mean: torch.Tensor, topk: int) -> list[int]:
         """Ids (ascending) of the ``topk`` blocks most relevant to ``q_mean [H, D]``; all when fewer."""
         n = len(self.layers[layer])
@@ -139,6 +360,22 @@ class BlockStore:
         scores = block_relevance(q_mean, self.layers[layer].reprs)
         return sorted(scores.topk(topk).indices.tolist())
 
+    def _encoded(self, layer: int, b: int) -> dict:
+        enc = self.layers[layer].kv[b]
+        if enc is None:  # on disk only: read it back, keep it in the LRU
+            enc = self.disk.read(layer, b)
+            self.layers[layer].kv[b] = enc
+            self._resident += _nbytes(enc)
+            self._clean[(layer, b)] = _nbytes(enc)
+            self._enforce_budget()
+        elif (layer, b) in self._clean:
+            self._clean.move_to_end((layer, b))
+        return enc
+
+    def block(self, layer: int, b: int) -> torch.Tensor:
+        """Block ``b`` of ``layer`` decoded: ``[2, Hkv, block_size, D]``."""
+        return self.codec.decode(self._encoded(layer, b))
+
     def fetch(self, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of blocks ``ids`` concatenated along tokens: two ``[Hkv, len(ids) * block_size, D]``."""
         key = tuple(ids)
@@ -146,31 +383,72 @@ class BlockStore:
         if last is not None and last[0] == key:
             kv = last[1]
         else:
-            host = self.layers[layer].kv
             if self.caches is not None:
                 cache = self.caches[layer]
-                kv = cache.data[cache.slots(ids, host)]
+                kv = cache.data[cache.slots(ids, lambda b: self.block(layer, b))]
             else:
-                kv = torch.stack([host[b] for b in ids])
+                kv = self.codec.decode_many([self._encoded(layer, b) for b in ids])
             kv = kv.to(self.compute_device)  # [n, 2, Hkv, bs, D]
             n, _, hkv, bs, d = kv.shape
             kv = kv.permute(1, 2, 0, 3, 4).reshape(2, hkv, n * bs, d)
             self._last[layer] = (key, kv)
         return kv[0], kv[1]
 
-    def truncate(self, n: int) -> None:
-        """Forget blocks ``n`` and later (rollback of a turn that is not remembered)."""
+    # -------------------------------------------------------------------------------- state
+    def truncate(self, n: int) -> list[str]:
+        """Forget blocks ``n`` and later (a rollback); returns shard files no longer needed."""
         for i, layer in enumerate(self.layers):
+            for b in range(n, len(layer)):
+                enc = layer.kv[b]
+                if enc is not None:
+                    self._resident -= _nbytes(enc)
+                self._clean.pop((i, b), None)
             layer.truncate(n)
             if self.caches is not None:
                 self.caches[i].forget_from(n)
             last = self._last[i]
             if last is not None and any(b >= n for b in last[0]):
                 self._last[i] = None
+        dropped = []
+        if self.disk is not None and self.persisted > n:
+            dropped = self.disk.truncate(n)
+            self.persisted = n
+        return dropped
+
+    def attach(self, shards: list[ShardInfo], *, resident: bool) -> None:
+        """Adopt blocks already on disk in ``spill_dir`` (loading a saved memory): reprs are read
+        into RAM; KV too when ``resident``, otherwise on demand."""
+        self.disk.shards = list(shards)
+        n = self.disk.n_blocks
+        for i, layer in enumerate(self.layers):
+            if n:
+                layer.set_reprs(self.disk.read_reprs(i))
+            layer.kv = [None] * n
+        self.persisted = n
+        if resident:
+            for i in range(len(self.layers)):
+                for b in range(n):
+                    self._encoded(i, b)
+
+    def detach_disk(self) -> None:
+        """Keep every block in RAM only (after loading a saved memory without a RAM budget)."""
+        for i in range(len(self.layers)):
+            for b in range(len(self.layers[i])):
+                self._encoded(i, b)
+        if self.disk is not None:
+            self.disk.close()
+        self.disk, self.persisted = None, 0
+        self._clean.clear()
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held: ``host`` (block KV), ``device`` (accelerator cache), ``repr`` (representative keys)."""
-        host = sum(t.numel() * t.element_size() for layer in self.layers for t in layer.kv)
+        """Bytes held: ``host`` (block KV in RAM), ``disk`` (block KV on disk), ``device`` (accelerator
+        cache), ``repr`` (representative keys)."""
         reprs = sum(layer.reprs.numel() * layer.reprs.element_size() for layer in self.layers)
         cache = sum(c.data.numel() * c.data.element_size() for c in self.caches) if self.caches else 0
-        return {"host": host, "device": cache, "repr": reprs}
+        memo = sum(x[1].numel() * x[1].element_size() for x in self._last if x is not None)
+        disk = sum(s.nbytes for s in self.disk.shards) if self.disk is not None else 0
+        return {"host": self._resident + memo, "disk": disk, "device": cache, "repr": reprs}
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()

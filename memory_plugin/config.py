@@ -45,14 +45,31 @@ class MemoryConfig:
     representative keys (1 = every query, as InfLLM). Sampling keeps chunks cheap on CPU, where the
     full probability matrix would cost more than the attention itself; by position, so the memory
     does not depend on how the history was chunked."""
+    block_positions: str = "fixed"
+    """Where tokens outside the local window sit: "fixed" puts every one at distance ``n_local``
+    (InfLLM); "ordered" keeps their order inside a block, at distances ``n_local .. n_local +
+    block_size - 1``, so a small model can still read a number spread over several tokens."""
     max_cached_blocks: int = 64
     """Blocks per layer kept on the accelerator (LRU) when the model runs on one; unused on CPU."""
+    kv_quantization: str = "none"
+    """Storage of block KV: "none" (as computed), "bf16" (half the bytes) or "int8" (a quarter, one
+    scale per channel of each block). The local window is never quantised."""
+    max_resident_bytes: int | None = None
+    """RAM budget for the memory (window, init, representative keys and cached blocks). Blocks
+    beyond it live in safetensors shards on disk (the memory's directory, or a temporary one) and
+    are read back on demand. None keeps everything in RAM."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "n_local", "repr_topk", "chunk_size", "mass_stride", "max_cached_blocks"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("n_init", "topk"):
             _check_int(name, getattr(self, name), minimum=0)
+        if self.kv_quantization not in ("none", "bf16", "int8"):
+            raise ValueError(f"kv_quantization must be 'none', 'bf16' or 'int8', got {self.kv_quantization!r}")
+        if self.max_resident_bytes is not None:
+            _check_int("max_resident_bytes", self.max_resident_bytes, minimum=1)
+        if self.block_positions not in ("fixed", "ordered"):
+            raise ValueError(f"block_positions must be 'fixed' or 'ordered', got {self.block_positions!r}")
         if self.repr_topk > self.block_size:
             raise ValueError(f"repr_topk ({self.repr_topk}) must be <= block_size ({self.block_size})")
         if self.chunk_size > self.n_local:
@@ -75,11 +92,11 @@ class MemoryConfig:
         """Largest the local window gets: ``n_local`` plus a partial block plus one incoming chunk."""
         return self.n_local + self.block_size - 1 + self.chunk_size
 
-    def replace(self, **changes: int) -> MemoryConfig:
+    def replace(self, **changes) -> MemoryConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 

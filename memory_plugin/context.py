@@ -126,6 +126,7 @@ class Context:
         *,
         dtype: torch.dtype,
         device: torch.device,
+        spill_dir=None,
     ):
         self.g = geometry
         self.cfg = config
@@ -133,7 +134,7 @@ class Context:
         self.device = torch.device(device)
         # One chunk of slack beyond the largest window so compaction happens at most every other chunk.
         self.capacity = config.window_capacity + config.chunk_size
-        need = max(self.capacity, config.n_init + config.n_local)
+        need = max(self.capacity, config.n_init + config.n_local, config.n_local + config.block_size)
         if rope_cos.shape[0] < need:
             raise ValueError(f"rotary tables cover {rope_cos.shape[0]} positions, the memory needs {need}")
         self.cos, self.sin = rope_cos.to(self.device), rope_sin.to(self.device)
@@ -148,8 +149,19 @@ class Context:
             compute_device=self.device,
             cache_device=self.device if on_accelerator else None,
             max_cached_blocks=config.max_cached_blocks,
+            kv_quantization=config.kv_quantization,
+            spill_dir=spill_dir,
+            resident_budget=self._block_budget if config.max_resident_bytes is not None else None,
         )
         self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in range(geometry.n_layers)]
+        if config.max_resident_bytes is not None and self._block_budget() <= 0:
+            fixed = self._fixed_bytes()
+            raise ValueError(
+                f"max_resident_bytes={config.max_resident_bytes} is below what the local window and init "
+                f"tokens alone need ({fixed} bytes); raise it or lower n_local"
+            )
+        self.ordered = config.block_positions == "ordered"
+        self.far_pos = config.n_local + config.block_size - 1
         self.layout = Layout(base=config.n_init)
         self.tokens: list[int] = []
 
@@ -203,13 +215,19 @@ class Context:
             parts.append(AttnPart(apply_rope(q, cos[qpos], sin[qpos]), st.win_krot[:, lo:we], st.win_v[:, lo:we], mask, True))
         local = len(parts) - 1 if p is not None else None
 
-        # Everything outside the local window sits at the fixed distance n_local.
+        # Everything outside the local window sits at the fixed distance n_local ("fixed"), or, with
+        # block_positions="ordered", at n_local + (block_size - 1 - offset in its block).
         q_far = apply_rope(q, cos[cfg.n_local], sin[cfg.n_local])
+        q_blk = q_far if not self.ordered else apply_rope(q, cos[self.far_pos], sin[self.far_pos])
         hi = min(we, step.t0 + c - cfg.n_local - step.base)
         if hi > ws:  # window tokens already out of some query's local window, not yet a block
-            pf = torch.arange(step.base + ws, step.base + hi, device=dev)[None, :]
-            mask = None if simple else pf <= t[:, None] - cfg.n_local
-            parts.append(AttnPart(q_far, st.win_k[:, ws:hi], st.win_v[:, ws:hi], mask))
+            pf = torch.arange(step.base + ws, step.base + hi, device=dev)
+            mask = None if simple else pf[None, :] <= t[:, None] - cfg.n_local
+            kf = st.win_k[:, ws:hi]
+            if self.ordered:
+                off = (pf - cfg.n_init) % cfg.block_size
+                kf = apply_rope(kf, cos[off], sin[off])
+            parts.append(AttnPart(q_blk, kf, st.win_v[:, ws:hi], mask))
         if step.capture is not None or (cfg.topk and len(self.store.layers[i])):
             q_mean = q_far.mean(dim=1)
             if step.capture is not None:
@@ -217,7 +235,7 @@ class Context:
             ids = self.store.select(i, q_mean, cfg.topk) if cfg.topk else []
             if ids:
                 bk, bv = self.store.fetch(i, ids)
-                parts.append(AttnPart(q_far, bk, bv))
+                parts.append(AttnPart(q_blk, bk, bv))
 
         rows = torch.nonzero(t % cfg.mass_stride == 0).flatten() if cfg.mass_stride > 1 else None
         out, masses = joint_attention(parts, self.g.scaling, rows)
@@ -261,8 +279,10 @@ class Context:
             a = step.ws + b * bs
             if self.cfg.topk:  # with retrieval off (StreamingLLM) evicted blocks are simply dropped
                 k = st.win_k[:, a : a + bs]
-                kv = torch.stack((k, st.win_v[:, a : a + bs]))
-                self.store.append(i, kv, representative_keys(k, st.win_mass[:, a : a + bs], self.cfg.repr_topk))
+                repr_key = representative_keys(k, st.win_mass[:, a : a + bs], self.cfg.repr_topk)
+                if self.ordered:  # keys keep their order inside the block
+                    k = apply_rope(k, self.cos[:bs], self.sin[:bs])
+                self.store.append(i, torch.stack((k, st.win_v[:, a : a + bs])), repr_key)
 
     # ----------------------------------------------------------------------------- state management
     def checkpoint(self) -> dict:
@@ -301,16 +321,52 @@ class Context:
         start = self.cfg.n_init + b * self.cfg.block_size
         return start, start + self.cfg.block_size
 
-    def nbytes(self) -> dict[str, int]:
-        """Bytes held by tier: ``device`` (where attention runs: window, init, reprs, block cache)
-        and ``host`` (block KV off the accelerator; on CPU everything is ``host``)."""
+    def _fixed_bytes(self) -> int:
+        """Window and init buffers: allocated once, whatever the history length."""
+        return sum(t.numel() * t.element_size() for st in self.layers for t in vars(st).values())
 
-        def size(t: torch.Tensor) -> int:
-            return t.numel() * t.element_size()
-
-        live = sum(size(t) for st in self.layers for t in vars(st).values())
+    def _block_budget(self) -> int:
+        """RAM left for block KV under ``max_resident_bytes``: the rest holds window, init and reprs.
+        Headroom of one selection per layer is kept for the gathered blocks attention reads."""
         store = self.store.nbytes()
-        near = live + store["repr"] + store["device"]
+        bs = self.cfg.block_size
+        selection = self.g.n_layers * self.cfg.topk * 2 * self.g.n_kv_heads * bs * self.g.head_dim * 4
+        return self.cfg.max_resident_bytes - self._fixed_bytes() - store["repr"] - selection
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held by tier: ``device`` (accelerator: window, init, reprs, block cache), ``host``
+        (RAM: on CPU everything above plus block KV) and ``disk`` (block KV in shards)."""
+        store = self.store.nbytes()
+        near = self._fixed_bytes() + store["repr"] + store["device"]
         if self.device.type == "cpu":
-            return {"device": 0, "host": near + store["host"]}
-        return {"device": near, "host": store["host"]}
+            return {"device": 0, "host": near + store["host"], "disk": store["disk"]}
+        return {"device": near, "host": store["host"], "disk": store["disk"]}
+
+    # ----------------------------------------------------------------------------- snapshots
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Init, window and attention mass of every layer, plus the layout: what a snapshot holds
+        besides the blocks (which are in shards) and the tokens (in the log)."""
+        lay = self.layout
+        s, e, il = lay.win_start, lay.win_end, lay.init_len
+        out = {}
+        for i, st in enumerate(self.layers):
+            out[f"init_k.{i}"], out[f"init_v.{i}"] = st.init_k[:, :il], st.init_v[:, :il]
+            out[f"init_mass.{i}"] = st.init_mass[:, :il]
+            out[f"win_k.{i}"], out[f"win_v.{i}"] = st.win_k[:, s:e], st.win_v[:, s:e]
+            out[f"win_mass.{i}"] = st.win_mass[:, s:e]
+        return out, vars(lay).copy()
+
+    def load_state(self, tensors: dict[str, torch.Tensor], layout: dict) -> None:
+        """Restore :meth:`state_tensors` output at the same buffer positions (bit-exact rotations)."""
+        lay = Layout(**layout)
+        s, e, il = lay.win_start, lay.win_end, lay.init_len
+        for i, st in enumerate(self.layers):
+            st.init_k[:, :il] = tensors[f"init_k.{i}"]
+            st.init_v[:, :il] = tensors[f"init_v.{i}"]
+            st.init_mass[:, :il] = tensors[f"init_mass.{i}"]
+            st.init_krot[:, :il] = apply_rope(st.init_k[:, :il], self.cos[:il], self.sin[:il])
+            st.win_k[:, s:e] = tensors[f"win_k.{i}"]
+            st.win_v[:, s:e] = tensors[f"win_v.{i}"]
+            st.win_mass[:, s:e] = tensors[f"win_mass.{i}"]
+            st.win_krot[:, s:e] = apply_rope(st.win_k[:, s:e], self.cos[s:e], self.sin[s:e])
+        self.layout = lay

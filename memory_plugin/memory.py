@@ -6,9 +6,14 @@ It composes a loaded model (:mod:`memory_plugin.model`), the InfLLM memory
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -16,6 +21,7 @@ from .attention import block_relevance, representative_keys
 from .chat import ChatFormat, StreamDecoder, check_message, check_text
 from .config import MemoryConfig
 from .model import DEFAULT_MODEL_NAME, MemoryForward, load_model
+from . import persistence as _p
 
 
 _N_SINK = 4  # attention-sink tokens at the start of a history (StreamingLLM uses 4)
@@ -95,7 +101,9 @@ class ContextMemory:
         'Your locker code is 4721.'
     """
 
-    def __init__(self, model, tokenizer, config: MemoryConfig | None = None, *, model_name: str | None = None):
+    def __init__(
+        self, model, tokenizer, config: MemoryConfig | None = None, *, model_name: str | None = None, _spill_dir=None
+    ):
         self.config = config or MemoryConfig()
         if not isinstance(self.config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, got {type(self.config).__name__}")
@@ -105,6 +113,13 @@ class ContextMemory:
         self._forward = MemoryForward(model)
         self._chat = ChatFormat(tokenizer)
         self._lock = threading.RLock()
+        self._durable: _p.Durable | None = None
+        self._spill_dir = _spill_dir
+        if _spill_dir is None and self.config.max_resident_bytes is not None:
+            # Blocks beyond the RAM budget need somewhere to go: a private temporary directory.
+            self._spill_dir = Path(tempfile.mkdtemp(prefix="memory_plugin-"))
+            weakref.finalize(self, shutil.rmtree, self._spill_dir, ignore_errors=True)
+        self._fingerprint_cache: str | None = None
         self.reset()
 
     @classmethod
@@ -126,12 +141,17 @@ class ContextMemory:
 
     # ------------------------------------------------------------------------------------ writing
     def reset(self) -> None:
-        """Forget everything."""
+        """Forget everything (on disk too, for a memory opened with :meth:`open`)."""
         with self._lock:
-            self._ctx = self._forward.new_context(self.config)
+            if getattr(self, "_ctx", None) is not None:
+                self._ctx.store.close()
+            self._ctx = self._forward.new_context(self.config, spill_dir=self._spill_dir)
             self._entries: list[Entry] = []
             self._clock = 0
             self._rollbacks: list[tuple[int, int]] = []  # (clock, tokens kept) for checkpoint validity
+            if self._durable is not None:
+                self._durable.truncate_log(0)
+                self._durable.snapshot(self)
 
     def add_message(self, role: str, content: str) -> int:
         """Append one chat message (formatted by the model's chat template); returns tokens added."""
@@ -164,9 +184,23 @@ class ContextMemory:
                 new = self._first_ids(new)
             entries.append(Entry(role, content, start + len(ids), start + len(ids) + len(new)))
             ids += new
+        cp = self._ctx.checkpoint() if self._durable is not None else None
         self._encode(ids, logits="none")
-        self._entries += entries
+        try:
+            self._commit(entries)
+        except BaseException:
+            if cp is not None:  # the log refused it: the memory must not hold it either
+                self._ctx.rollback(cp)
+            raise
         return len(ids)
+
+    def _commit(self, entries: list[Entry]) -> None:
+        """Entries whose tokens are encoded become history (durably, for an open memory)."""
+        if self._durable is not None:
+            self._durable.record([(e.role, e.content, self._ctx.tokens[e.start : e.end]) for e in entries])
+        self._entries += entries
+        if self._durable is not None:
+            self._durable.maybe_snapshot(self)
 
     def _first_ids(self, ids: list[int]) -> list[int]:
         """Prefix BOS when the history is empty and the tokenizer uses one."""
@@ -208,6 +242,9 @@ class ContextMemory:
             del self._entries[checkpoint.n_entries :]
             self._clock += 1
             self._rollbacks.append((self._clock, n))
+            if self._durable is not None:
+                self._durable.truncate_log(checkpoint.n_entries)
+                self._durable.maybe_snapshot(self)
 
     # ------------------------------------------------------------------------------------ reading
     def generate(
@@ -332,9 +369,12 @@ class ContextMemory:
             start = turn.checkpoint["n_tokens"]
             self._encode(self._chat.encode(self._chat.assistant_suffix), logits="none")
             mid = start + turn.prompt_tokens
-            if turn.prompt is not None:
-                self._entries.append(Entry("user", turn.prompt, start, mid))
-            self._entries.append(Entry("assistant", turn.answer, mid, len(self)))
+            user = [Entry("user", turn.prompt, start, mid)] if turn.prompt is not None else []
+            try:
+                self._commit(user + [Entry("assistant", turn.answer, mid, len(self))])
+            except BaseException:
+                self._ctx.rollback(turn.checkpoint)
+                raise
             return
         self._ctx.rollback(turn.checkpoint)
         if remember and turn.chat:
@@ -407,6 +447,138 @@ class ContextMemory:
         text = self.tokenizer.decode(self._ctx.tokens[start:end], skip_special_tokens=True)
         return MemoryHit(text, start, end, score, entry, role)
 
+    # ------------------------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole memory to the directory ``path`` (created; format in
+        :mod:`memory_plugin.persistence`). Load it back with :meth:`load` or :meth:`open`.
+
+        Example:
+            >>> mem.save("agent-memory")  # doctest: +SKIP
+            >>> same = ContextMemory.load("agent-memory")  # doctest: +SKIP
+        """
+        with self._lock:
+            if self._durable is not None and Path(path).resolve() == self._durable.dir.resolve():
+                self._durable.snapshot(self)
+            else:
+                _p.write_copy(self, Path(path), self._fingerprint(), self.model_name)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model=None,
+        *,
+        tokenizer=None,
+        device=None,
+        dtype=None,
+        max_resident_bytes: int | None = None,
+        verify: bool = True,
+    ) -> ContextMemory:
+        """A memory read from a directory written by :meth:`save` or :meth:`open`; the directory is
+        not changed or locked. ``model``: None for the model it was saved with (embedded default or
+        its recorded path/id), a path/id, or a loaded transformers model (then pass ``tokenizer``).
+        A different model, a newer format, or a truncated or corrupted file raises
+        :class:`~memory_plugin.persistence.MemoryFormatError` naming the file."""
+        path = Path(path)
+        manifest = _p.Manifest.read(path)
+        hf, tok, name = _resolve(model, tokenizer, manifest.model_name, device, dtype)
+        cfg = MemoryConfig(**manifest.config, max_resident_bytes=max_resident_bytes)
+        spill = None
+        if max_resident_bytes is not None:  # blocks stay on disk: link the (immutable) shards aside
+            spill = Path(tempfile.mkdtemp(prefix="memory_plugin-"))
+            for s in manifest.shards:
+                _link_or_copy(path / s.file, spill / s.file)
+        mem = cls(hf, tok, cfg, model_name=name, _spill_dir=spill or path)
+        if spill is not None:
+            weakref.finalize(mem, shutil.rmtree, spill, ignore_errors=True)
+        _p.read_manifest_for(path, mem._fingerprint(), name)
+        tail = _p.restore(mem, path, manifest, verify=verify)
+        if spill is None:
+            mem._ctx.store.detach_disk()
+            mem._spill_dir = None
+        mem._replay(tail)
+        return mem
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        model=None,
+        *,
+        tokenizer=None,
+        config: MemoryConfig | None = None,
+        device=None,
+        dtype=None,
+        verify: bool = True,
+        snapshot_every: int = _p.SNAPSHOT_EVERY_TOKENS,
+    ) -> ContextMemory:
+        """A persistent memory in directory ``path`` (created if new). Every ``add_*`` that returned
+        is durable: a process killed at any moment loses nothing it acknowledged, and reopening
+        reuses the blocks written and re-encodes only what came after the last snapshot (taken every
+        ``snapshot_every`` tokens, and on :meth:`close`). One writer
+        at a time: a second ``open`` of the same directory raises
+        :class:`~memory_plugin.persistence.MemoryLockedError`. Close with :meth:`close` or ``with``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        lock = _p.DirLock(path)
+        try:
+            exists = (path / _p.MANIFEST).exists()
+            manifest = _p.Manifest.read(path) if exists else None
+            hf, tok, name = _resolve(model, tokenizer, manifest.model_name if exists else None, device, dtype)
+            if exists:
+                saved = MemoryConfig(**manifest.config)
+                runtime = config.max_resident_bytes if config is not None else None
+                if config is not None and config.replace(max_resident_bytes=None) != saved:
+                    diff = [k for k, v in saved.to_dict().items() if getattr(config, k) != v and k != "max_resident_bytes"]
+                    raise ValueError(f"{path}: config differs from the saved memory's in {', '.join(diff)}")
+                cfg = saved.replace(max_resident_bytes=runtime)
+            else:
+                cfg = config or MemoryConfig()
+            mem = cls(hf, tok, cfg, model_name=name, _spill_dir=path)
+            tail = []
+            if exists:  # validate everything before writing anything
+                _p.read_manifest_for(path, mem._fingerprint(), name)
+                tail = _p.restore(mem, path, manifest, verify=verify)
+            durable = _p.Durable(path, lock, mem._fingerprint(), name, snapshot_every)
+            durable.manifest = manifest
+            mem._replay(tail)
+            mem._durable = durable
+            if exists:
+                durable.maybe_snapshot(mem)
+            else:
+                durable.snapshot(mem)
+            return mem
+        except BaseException:
+            lock.release()
+            raise
+
+    def _replay(self, rows: list[tuple]) -> None:
+        """Re-encode log entries that came after the last snapshot."""
+        for role, content, ids in rows:
+            start = len(self)
+            self._encode(ids, logits="none")
+            self._entries.append(Entry(role, content, start, len(self)))
+
+    def close(self) -> None:
+        """Write a final snapshot and release the directory (an open memory); no-op otherwise."""
+        with self._lock:
+            if self._durable is not None:
+                self._durable.snapshot(self)
+                self._durable.close()
+                self._durable = None
+            self._ctx.store.close()
+
+    def __enter__(self) -> ContextMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _fingerprint(self) -> str:
+        if self._fingerprint_cache is None:
+            self._fingerprint_cache = _p.model_fingerprint(self.model, self.tokenizer)
+        return self._fingerprint_cache
+
     # ------------------------------------------------------------------------------------ inspection
     @property
     def messages(self) -> list[dict]:
@@ -439,6 +611,25 @@ class ContextMemory:
 
     def __repr__(self) -> str:
         return f"ContextMemory(model={self.model_name!r}, tokens={len(self)}, config={self.config})"
+
+
+def _resolve(model, tokenizer, saved_name: str | None, device, dtype):
+    """``(hf_model, tokenizer, name)`` for load/open: a loaded model, a path/id, or the saved one."""
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            raise ValueError("pass tokenizer= together with a loaded model")
+        return model, tokenizer, getattr(model.config, "_name_or_path", None) or model.config.model_type
+    name = str(model) if model is not None else saved_name
+    default = name in (None, DEFAULT_MODEL_NAME)
+    hf, tok = load_model(None if default else name, device=device, dtype=dtype)
+    return hf, tok, DEFAULT_MODEL_NAME if default else name
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:

@@ -150,9 +150,10 @@ class MemoryForward:
         cos, sin = self.rotary(x, torch.arange(n, device=self.device)[None])
         return cos[0].to(self.dtype), sin[0].to(self.dtype)
 
-    def new_context(self, config) -> Context:
-        cos, sin = self.rope_tables(max(config.window_capacity + config.chunk_size, config.n_init + config.n_local) + 1)
-        return Context(self.geometry, config, cos, sin, dtype=self.dtype, device=self.device)
+    def new_context(self, config, spill_dir=None) -> Context:
+        n = max(config.window_capacity + config.chunk_size, config.n_init + config.n_local, config.n_local + config.block_size)
+        cos, sin = self.rope_tables(n + 1)
+        return Context(self.geometry, config, cos, sin, dtype=self.dtype, device=self.device, spill_dir=spill_dir)
 
     def __call__(
         self,

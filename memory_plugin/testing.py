@@ -38,6 +38,7 @@ def tiny_tokenizer(vocab_size: int = 400):
         vocab_size=vocab_size,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 20, trainer)
     return PreTrainedTokenizerFast(

@@ -78,4 +78,4 @@ def test_nbytes_counts_host_blocks_and_reprs():
     nb = store.nbytes()
     assert nb["host"] == 3 * 2 * HKV * BS * D * 4
     assert nb["repr"] == 3 * H * D * 4
-    assert nb["device"] == 0
+    assert nb["device"] == 0 and nb["disk"] == 0

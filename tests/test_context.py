@@ -117,7 +117,12 @@ def _reference(model, cfg, ids):
         k_rot = apply_rope(kx, cos[:n], sin[:n])
         lg_local = apply_rope(q, cos[:n], sin[:n]) @ k_rot.transpose(-1, -2)
         lg_init = apply_rope(q, cos[p_init], sin[p_init]) @ k_rot.transpose(-1, -2)
-        lg_far = apply_rope(q, cos[cfg.n_local], sin[cfg.n_local]) @ kx.transpose(-1, -2)
+        if cfg.block_positions == "fixed":  # every far key at distance n_local
+            lg_far = apply_rope(q, cos[cfg.n_local], sin[cfg.n_local]) @ kx.transpose(-1, -2)
+        else:  # far keys keep their order inside their block
+            off = (t - cfg.n_init).clamp(min=0) % cfg.block_size
+            far = cfg.n_local + cfg.block_size - 1
+            lg_far = apply_rope(q, cos[far], sin[far]) @ apply_rope(kx, cos[off], sin[off]).transpose(-1, -2)
         lg = torch.where(is_init, lg_init, torch.where(is_local, lg_local, lg_far)) * g.scaling
         probs = torch.softmax(lg.masked_fill(~causal, float("-inf")), dim=-1)
         rows = (t % cfg.mass_stride == 0)[None, :, None]
@@ -128,11 +133,11 @@ def _reference(model, cfg, ids):
     return model.lm_head(base.norm(h)), masses, keys
 
 
-@pytest.mark.parametrize("mass_stride", [1, 3])
-def test_matches_naive_reference_including_representative_keys(gqa_model, mass_stride):
+@pytest.mark.parametrize("mass_stride, positions", [(1, "fixed"), (3, "fixed"), (3, "ordered")])
+def test_matches_naive_reference_including_representative_keys(gqa_model, mass_stride, positions):
     cfg = MemoryConfig(
         block_size=8, n_init=6, n_local=40, topk=64, repr_topk=3, chunk_size=16, mass_stride=mass_stride,
-        max_cached_blocks=64,
+        max_cached_blocks=64, block_positions=positions,
     )  # fmt: skip
     ids = _ids(260, seed=4)
     ctx, out = _encode(gqa_model, cfg, ids)
@@ -146,7 +151,11 @@ def test_matches_naive_reference_including_representative_keys(gqa_model, mass_s
             expected = representative_keys(keys[layer][:, a:e], masses[layer][:, a:e], cfg.repr_topk)
             torch.testing.assert_close(ctx.store.layers[layer].reprs[b], expected, atol=1e-5, rtol=1e-4)
             k_block, _ = ctx.store.fetch(layer, [b])
-            torch.testing.assert_close(k_block, keys[layer][:, a:e])
+            k_ref = keys[layer][:, a:e]
+            if positions == "ordered":
+                cos, sin = MemoryForward(gqa_model).rope_tables(cfg.block_size)
+                k_ref = apply_rope(k_ref, cos, sin)
+            torch.testing.assert_close(k_block, k_ref, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pieces", [[300], [1] * 40 + [260], [37, 5, 100, 3, 155], [16] * 18 + [12]])
@@ -162,7 +171,8 @@ def test_chunked_and_one_shot_ingestion_give_the_same_memory(gqa_model, pieces):
     assert many.window_range == one.window_range
     for a, b in zip(many.store.layers, one.store.layers):
         torch.testing.assert_close(a.reprs, b.reprs, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(torch.stack(a.kv), torch.stack(b.kv), atol=1e-5, rtol=1e-4)
+        for blk in range(len(a)):
+            torch.testing.assert_close(a.kv[blk]["kv"], b.kv[blk]["kv"], atol=1e-5, rtol=1e-4)
 
 
 def test_topk_selects_blocks_by_mean_query_at_fixed_distance(gqa_model):
@@ -216,5 +226,8 @@ def _state(ctx):
             layers.append(t.flatten().tolist())
         for t in (st.init_k[:, :il], st.init_v[:, :il], st.init_mass[:, :il]):
             layers.append(t.flatten().tolist())
-    blocks = [(layer.reprs.flatten().tolist(), [b.flatten().tolist() for b in layer.kv]) for layer in ctx.store.layers]
+    blocks = [
+        (layer.reprs.flatten().tolist(), [ctx.store.block(i, b).flatten().tolist() for b in range(len(layer))])
+        for i, layer in enumerate(ctx.store.layers)
+    ]
     return (vars(ctx.layout).copy(), list(ctx.tokens), layers, blocks)

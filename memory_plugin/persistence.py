@@ -1,0 +1,431 @@
+"""The on-disk format of a memory, and the pieces that make it crash safe.
+
+A memory directory holds::
+
+    manifest.json          format version, model fingerprint, config, and the files below with
+                           their sha256; replaced atomically, so it always names a consistent set
+    log.sqlite             every entry (role, content, token ids) in order; SQLite in WAL mode,
+                           committed before add_* returns: the durable record of the history
+    state-<n>.safetensors  init tokens, local window and attention mass at the snapshot
+    blocks-*.safetensors   KV and representative keys of memory blocks, append-only shards
+    LOCK                   held (flock) by the process that has the memory open for writing
+
+Loading takes the snapshot and shards named by the manifest and re-encodes the log entries that
+came after the snapshot, so a process killed at any moment loses nothing it acknowledged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .blocks import ShardInfo, atomic_write
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOG = "log.sqlite"
+LOCK = "LOCK"
+
+
+class MemoryFormatError(ValueError):
+    """A memory directory that cannot be loaded as it is: names the file and what is wrong."""
+
+
+class MemoryLockedError(RuntimeError):
+    """Another process has this memory directory open for writing."""
+
+
+def model_fingerprint(model, tokenizer) -> str:
+    """A hash of what makes KV blocks meaningful: architecture, sizes, tokenizer and weights
+    (embeddings and the first attention projections; enough to tell models apart quickly)."""
+    cfg = model.config
+    h = hashlib.sha256()
+    fields = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    h.update(json.dumps({f: getattr(cfg, f, None) for f in fields}, sort_keys=True).encode())
+    h.update(json.dumps(getattr(cfg, "rope_parameters", None), sort_keys=True, default=str).encode())
+    h.update(str(len(tokenizer)).encode())
+    attn = model.model.layers[0].self_attn
+    for t in (model.model.embed_tokens.weight, attn.q_proj.weight, attn.k_proj.weight):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class DirLock:
+    """An exclusive, non-blocking ``flock`` on ``<dir>/LOCK`` (released when the process dies)."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            who = "this process" if holder == str(os.getpid()) else f"another process (pid {holder})"
+            raise MemoryLockedError(
+                f"{directory} is already open for writing by {who}; close it there first, "
+                "or ContextMemory.load() it read-only"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class MemoryLog:
+    """The durable list of entries: one SQLite row per message or text, with its token ids."""
+
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = Path(path)
+        try:
+            if readonly:  # loading must not touch the directory, not even the journal mode
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+                self.db.execute("SELECT count(*) FROM entries").fetchone()
+                return
+            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not just a crash
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS entries (seq INTEGER PRIMARY KEY, role TEXT, content TEXT NOT NULL, "
+                "token_ids BLOB NOT NULL)"
+            )
+            self.db.execute("SELECT count(*) FROM entries").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise MemoryFormatError(f"{self.path}: not a readable memory log ({e})") from e
+
+    def append(self, rows: list[tuple[str | None, str, list[int]]]) -> None:
+        """Add entries in one transaction; durable when this returns."""
+        with self._tx():
+            start = self.count()
+            self.db.executemany(
+                "INSERT INTO entries (seq, role, content, token_ids) VALUES (?, ?, ?, ?)",
+                [(start + i, r, c, _pack(ids)) for i, (r, c, ids) in enumerate(rows)],
+            )
+
+    def truncate(self, n: int) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM entries WHERE seq >= ?", (n,))
+
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM entries").fetchone()[0]
+
+    def read(self) -> list[tuple[str | None, str, list[int]]]:
+        try:
+            rows = self.db.execute("SELECT seq, role, content, token_ids FROM entries ORDER BY seq").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise MemoryFormatError(f"{self.path}: the memory log is corrupted ({e})") from e
+        for i, (seq, *_rest) in enumerate(rows):
+            if seq != i:
+                raise MemoryFormatError(f"{self.path}: entry {i} is missing from the memory log")
+        return [(role, content, _unpack(blob, self.path)) for _, role, content, blob in rows]
+
+    def _tx(self):
+        db = self.db
+
+        class _Tx:
+            def __enter__(self):
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc, *a):
+                db.execute("ROLLBACK" if exc else "COMMIT")
+
+        return _Tx()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _pack(ids: list[int]) -> bytes:
+    return torch.tensor(ids, dtype=torch.int32).numpy().tobytes()
+
+
+def _unpack(blob: bytes, where: Path) -> list[int]:
+    if len(blob) % 4:
+        raise MemoryFormatError(f"{where}: token ids of an entry are truncated")
+    return torch.frombuffer(bytearray(blob), dtype=torch.int32).tolist() if blob else []
+
+
+@dataclass
+class Manifest:
+    model_fingerprint: str
+    model_name: str
+    config: dict
+    n_tokens: int = 0  # tokens covered by the snapshot
+    n_entries: int = 0  # log entries covered by the snapshot
+    state: dict | None = None  # {"file", "sha256"}
+    shards: list[ShardInfo] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def write(self, directory: Path) -> None:
+        data = dict(vars(self))
+        data["shards"] = [s.to_dict() for s in self.shards]
+        atomic_write(Path(directory) / MANIFEST, json.dumps(data, indent=1).encode())
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        path = Path(directory) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MemoryFormatError(f"{path}: missing; {directory} is not a saved memory") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MemoryFormatError(f"{path}: not valid JSON ({e}); the file is truncated or corrupted") from e
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise MemoryFormatError(
+                f"{path}: format version {version!r} is newer than this memory_plugin reads "
+                f"({FORMAT_VERSION}); upgrade memory_plugin"
+            )
+        try:
+            data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
+            return cls(**data)
+        except TypeError as e:
+            raise MemoryFormatError(f"{path}: unexpected fields ({e})") from e
+
+    def files(self) -> set[str]:
+        out = {s.file for s in self.shards}
+        if self.state:
+            out.add(self.state["file"])
+        return out
+
+
+def verify_file(directory: Path, name: str, sha256: str, size: int | None = None) -> bytes:
+    """Read a file named by the manifest and check it is whole and unchanged."""
+    path = Path(directory) / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MemoryFormatError(f"{path}: missing (named by the manifest)") from None
+    if size is not None and len(data) != size:
+        raise MemoryFormatError(f"{path}: {len(data)} bytes, expected {size}; the file is truncated or corrupted")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise MemoryFormatError(f"{path}: checksum mismatch; the file is corrupted")
+    return data
+
+
+def encode_state(tensors: dict[str, torch.Tensor], layout: dict) -> bytes:
+    return st_save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"layout": json.dumps(layout)})
+
+
+def decode_state(data: bytes, where: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
+        return tensors, json.loads(meta["layout"])
+    except Exception as e:  # safetensors raises its own error types
+        raise MemoryFormatError(f"{where}: not a readable state snapshot ({e})") from e
+
+
+# ----------------------------------------------------------------------------------- orchestration
+SNAPSHOT_EVERY_TOKENS = 4096
+"""An open memory writes a snapshot (new blocks, window state, manifest) every this many tokens:
+on recovery at most this many tokens are re-encoded from the log."""
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(4).hex()}.safetensors"
+
+
+class Durable:
+    """Keeps an open memory directory in step with its :class:`~memory_plugin.ContextMemory`:
+    entries go to the log before ``add_*`` returns; snapshots follow every few thousand tokens."""
+
+    def __init__(
+        self, directory: Path, lock: DirLock, fingerprint: str, model_name: str, every: int = SNAPSHOT_EVERY_TOKENS
+    ):
+        if every < 1:
+            raise ValueError(f"snapshot_every must be >= 1, got {every}")
+        self.every = every
+        self.dir = Path(directory)
+        self.lock = lock
+        self.fingerprint, self.model_name = fingerprint, model_name
+        self.log = MemoryLog(self.dir / LOG)
+        self.manifest: Manifest | None = None
+
+    def record(self, rows: list[tuple[str | None, str, list[int]]]) -> None:
+        self.log.append(rows)
+
+    def maybe_snapshot(self, mem) -> None:
+        done = self.manifest.n_tokens if self.manifest else 0
+        if len(mem) - done >= self.every or len(mem) < done:
+            self.snapshot(mem)
+
+    def snapshot(self, mem) -> None:
+        """Make the directory describe ``mem`` exactly as it is now."""
+        self.manifest = write_snapshot(self.dir, mem, self.fingerprint, self.model_name)
+        collect_garbage(self.dir, self.manifest, mem._ctx.store)
+
+    def truncate_log(self, n_entries: int) -> None:
+        self.log.truncate(n_entries)
+
+    def close(self) -> None:
+        self.log.close()
+        self.lock.release()
+
+
+def write_snapshot(directory: Path, mem, fingerprint: str, model_name: str) -> Manifest:
+    """Blocks not yet on disk -> a new shard; window state -> a new state file; then the manifest."""
+    ctx = mem._ctx
+    ctx.store.flush()
+    tensors, layout = ctx.state_tensors()
+    data = encode_state(tensors, layout)
+    name = _unique("state")
+    atomic_write(Path(directory) / name, data)
+    manifest = Manifest(
+        model_fingerprint=fingerprint,
+        model_name=model_name,
+        config=_config_dict(mem.config),
+        n_tokens=len(mem),
+        n_entries=len(mem._entries),
+        state={"file": name, "sha256": hashlib.sha256(data).hexdigest(), "nbytes": len(data)},
+        shards=[ShardInfo(**s.to_dict()) for s in ctx.store.disk.shards] if ctx.store.disk else [],
+    )
+    manifest.write(directory)
+    return manifest
+
+
+def collect_garbage(directory: Path, manifest: Manifest, store) -> None:
+    """Remove files neither the manifest nor the live store needs (old snapshots, dropped shards,
+    temp files of an interrupted write)."""
+    keep = manifest.files() | ({s.file for s in store.disk.shards} if store.disk else set())
+    for f in Path(directory).iterdir():
+        stale = f.name.startswith(("blocks-", "state-")) and f.name not in keep
+        if stale or (f.name.startswith(".") and ".tmp-" in f.name):
+            f.unlink(missing_ok=True)
+
+
+def _config_dict(config) -> dict:
+    d = config.to_dict()
+    d.pop("max_resident_bytes", None)  # a runtime choice, not part of what is stored
+    return d
+
+
+def write_copy(mem, directory: Path, fingerprint: str, model_name: str) -> None:
+    """Save a complete copy of ``mem`` into ``directory`` (created if needed)."""
+    from .blocks import ShardSet
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = DirLock(directory)
+    try:
+        if any(f.name not in (LOCK,) for f in directory.iterdir()) and not (directory / MANIFEST).exists():
+            raise MemoryFormatError(f"{directory}: exists and is not a saved memory; refusing to write into it")
+        _write_log_copy(directory, [(e.role, e.content, mem._ctx.tokens[e.start : e.end]) for e in mem._entries])
+        ctx, store = mem._ctx, mem._ctx.store
+        shards = ShardSet(directory, prefix=f"blocks-{os.urandom(4).hex()}")
+        per_shard = 64
+        for first in range(0, len(store), per_shard):
+            ids = range(first, min(first + per_shard, len(store)))
+            encs = [[store._encoded(i, b) for b in ids] for i in range(len(store.layers))]
+            shards.write(first, encs, [layer.reprs[first : ids[-1] + 1].cpu() for layer in store.layers])
+        tensors, layout = ctx.state_tensors()
+        data = encode_state(tensors, layout)
+        name = _unique("state")
+        atomic_write(directory / name, data)
+        manifest = Manifest(
+            fingerprint,
+            model_name,
+            _config_dict(mem.config),
+            n_tokens=len(mem),
+            n_entries=len(mem._entries),
+            state={"file": name, "sha256": hashlib.sha256(data).hexdigest(), "nbytes": len(data)},
+            shards=shards.shards,
+        )
+        manifest.write(directory)
+        shards.close()
+        collect_garbage(directory, manifest, _NoStore)
+    finally:
+        lock.release()
+
+
+class _NoStore:
+    disk = None
+
+
+def _write_log_copy(directory: Path, rows) -> None:
+    """A fresh log, built aside and swapped in whole."""
+    path = directory / LOG
+    if path.exists():  # fold an old WAL into its database before replacing both
+        old = sqlite3.connect(path)
+        old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        old.close()
+    tmp = directory / f".{LOG}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    log = MemoryLog(tmp)
+    log.db.execute("PRAGMA journal_mode=DELETE")
+    log.append(rows)
+    log.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    os.replace(tmp, path)
+
+
+def read_manifest_for(directory: Path, fingerprint: str, model_name: str) -> Manifest:
+    manifest = Manifest.read(directory)
+    if manifest.model_fingerprint != fingerprint:
+        raise MemoryFormatError(
+            f"{Path(directory) / MANIFEST}: saved with model {manifest.model_name!r} (fingerprint "
+            f"{manifest.model_fingerprint}), but the model given is {model_name!r} (fingerprint {fingerprint}); "
+            "KV blocks are only meaningful to the model that computed them"
+        )
+    return manifest
+
+
+def restore(mem, directory: Path, manifest: Manifest, *, verify: bool = True) -> list[tuple]:
+    """Load the snapshot and shards named by ``manifest`` into ``mem`` (whose context was created
+    with its spill directory holding those shards). Returns the log entries after the snapshot,
+    which the caller re-encodes."""
+    from .memory import Entry
+
+    directory = Path(directory)
+    ctx = mem._ctx
+    st = manifest.state
+    state_bytes = verify_file(directory, st["file"], st["sha256"], st.get("nbytes"))
+    tensors, layout = decode_state(state_bytes, directory / st["file"])
+    if verify:
+        for s in manifest.shards:
+            verify_file(directory, s.file, s.sha256, s.nbytes)
+    entries = MemoryLog(directory / LOG, readonly=True) if (directory / LOG).exists() else None
+    if entries is None:
+        raise MemoryFormatError(f"{directory / LOG}: missing; the memory's log is required")
+    rows = entries.read()
+    entries.close()
+    if len(rows) < manifest.n_entries:
+        raise MemoryFormatError(
+            f"{directory / LOG}: holds {len(rows)} entries but the snapshot covers {manifest.n_entries}; "
+            "the log was truncated or replaced"
+        )
+    tokens, kept = [], []
+    for role, content, ids in rows[: manifest.n_entries]:
+        kept.append(Entry(role, content, len(tokens), len(tokens) + len(ids)))
+        tokens += ids
+    if len(tokens) != manifest.n_tokens or layout.get("n_tokens") != manifest.n_tokens:
+        raise MemoryFormatError(f"{directory}: log ({len(tokens)} tokens) and snapshot ({manifest.n_tokens}) disagree")
+    n_blocks = sum(s.n for s in manifest.shards)
+    if mem.config.topk and n_blocks != layout["n_evicted_blocks"]:
+        raise MemoryFormatError(f"{directory}: shards hold {n_blocks} blocks, the snapshot expects {layout['n_evicted_blocks']}")
+    try:
+        if ctx.store.disk is not None:
+            ctx.store.attach(manifest.shards, resident=mem.config.max_resident_bytes is None)
+        ctx.load_state(tensors, layout)
+    except (KeyError, RuntimeError) as e:
+        raise MemoryFormatError(f"{directory}: snapshot does not fit this configuration ({e})") from e
+    ctx.tokens = tokens
+    mem._entries = kept
+    return rows[manifest.n_entries :]

@@ -1,0 +1,268 @@
+"""Save, load, crash safety, corruption, the writer lock, bounded RAM and KV quantisation."""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from memory_plugin import ContextMemory, MemoryConfig, testing
+from memory_plugin.blocks import BlockCodec
+from memory_plugin.persistence import MemoryFormatError, MemoryLockedError
+
+from .test_context import _state
+
+TEXT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def message(i: int, seed: int) -> tuple[str, str]:
+    """The i-th message the crash-test writer adds (deterministic, varied sizes)."""
+    rng = random.Random(seed * 100_003 + i)
+    return ("user" if i % 2 == 0 else "assistant"), f"message {i}: " + TEXT[: rng.randint(10, len(TEXT))] * rng.randint(1, 4)
+
+
+@pytest.fixture
+def built(tiny_model, tiny_tokenizer):
+    mem = ContextMemory(tiny_model, tiny_tokenizer, testing.TINY_CONFIG)
+    mem.add_message("system", "Be brief.")
+    mem.add_text(TEXT * 20)
+    mem.add_message("user", "Note: the sky is blue.")
+    return mem
+
+
+def _ask(mem):
+    return mem.generate("sky?", max_new_tokens=12, min_new_tokens=12)
+
+
+def _hits(mem):
+    return [(h.start, h.end, round(h.score, 5)) for h in mem.retrieve("the sky", k=4)]
+
+
+def test_save_and_load_round_trip_exactly(built, tmp_path, tiny_model, tiny_tokenizer):
+    answer, hits, state = _ask(built), _hits(built), _state(built._ctx)
+    built.save(tmp_path / "m")
+    loaded = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
+    assert _state(loaded._ctx) == state
+    assert loaded.messages == built.messages and loaded.token_ids == built.token_ids
+    assert _ask(loaded) == answer and _hits(loaded) == hits
+    assert loaded.config == built.config
+    files = sorted(p.name.split("-")[0] for p in (tmp_path / "m").iterdir())
+    assert files == ["LOCK", "blocks", "log.sqlite", "manifest.json", "state"]
+
+
+def test_saving_again_replaces_the_old_copy(built, tmp_path, tiny_model, tiny_tokenizer):
+    built.save(tmp_path / "m")
+    built.add_text(TEXT * 5)
+    built.save(tmp_path / "m")
+    loaded = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
+    assert len(loaded) == len(built) and _ask(loaded) == _ask(built)
+    assert len(list((tmp_path / "m").glob("state-*"))) == 1
+
+
+def test_refuses_to_write_into_a_directory_that_is_not_a_memory(built, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("keep me")
+    with pytest.raises(MemoryFormatError, match="not a saved memory"):
+        built.save(tmp_path / "docs")
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "keep me"
+
+
+def test_open_memory_persists_every_add_and_reopens_where_it_was(tmp_path, tiny_model, tiny_tokenizer):
+    path = tmp_path / "agent"
+    with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG) as mem:
+        mem.add_message("system", "Be brief.")
+        mem.add_text(TEXT * 12)
+        answer = _ask(mem)
+        mem.generate("remember this", max_new_tokens=4, min_new_tokens=4, remember=True)
+        msgs, state = mem.messages, _state(mem._ctx)
+    with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer) as again:
+        assert again.messages == msgs and _state(again._ctx) == state
+        cp = again.checkpoint()
+        again.add_text(TEXT * 3)
+        again.rollback(cp)  # a rollback is durable too
+        assert _ask(again) != "" and len(again.messages) == len(msgs)
+    reopened = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer)
+    assert reopened.messages == msgs
+    reopened.reset()
+    reopened.close()
+    assert ContextMemory.load(path, tiny_model, tokenizer=tiny_tokenizer).messages == []
+    assert answer
+
+
+def test_open_recovers_entries_written_after_the_last_snapshot(tmp_path, tiny_model, tiny_tokenizer):
+    path = tmp_path / "agent"
+    mem = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG, snapshot_every=10**9)
+    for i in range(6):
+        mem.add_message(*message(i, 0))
+    # Simulate a crash: no close(), the lock is dropped as the OS would on process death.
+    mem._durable.lock.release()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["n_entries"] == 0  # nothing but the log knew about those messages
+    back = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer)
+    assert [tuple(m.values()) for m in back.messages] == [message(i, 0) for i in range(6)]
+    fresh = ContextMemory(tiny_model, tiny_tokenizer, testing.TINY_CONFIG)
+    for i in range(6):  # one call per message, as the crashed writer did: the same chunks
+        fresh.add_message(*message(i, 0))
+    assert back.token_ids == fresh.token_ids and _state(back._ctx) == _state(fresh._ctx)
+    back.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kill_9_at_a_random_moment_loses_nothing_acknowledged(tmp_path, seed, tiny_model, tiny_tokenizer):
+    path = tmp_path / "m"
+    rng = random.Random(seed)
+    acked, start = -1, 0
+    for round_ in range(2):  # kill, reopen in a new writer, kill again
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests._writer", str(path), str(seed)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        ready = proc.stdout.readline().split()
+        assert ready[0] == "READY", ready
+        start = int(ready[1])
+        assert start >= acked + 1  # everything acknowledged before is there
+        time.sleep(rng.uniform(0.2, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        out = proc.communicate()[0].split("\n")
+        acks = [int(line.split()[1]) for line in out if line.startswith("ACK")]
+        acked = max(acks, default=start - 1)
+    mem = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer)
+    got = [tuple(m.values()) for m in mem.messages]
+    assert len(got) >= acked + 1
+    assert got == [message(i, seed) for i in range(len(got))]
+    fresh = ContextMemory(tiny_model, tiny_tokenizer, testing.TINY_CONFIG)
+    fresh.add_messages([dict(zip(("role", "content"), m)) for m in got])
+    assert mem.token_ids == fresh.token_ids
+    mem.add_message("user", "still works")
+    assert isinstance(_ask(mem), str)
+    mem.close()
+    assert not [p for p in path.iterdir() if ".tmp-" in p.name]  # interrupted writes were cleaned
+
+
+def test_a_second_writer_is_refused_until_the_first_closes(tmp_path, tiny_model, tiny_tokenizer):
+    path = tmp_path / "m"
+    first = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG)
+    with pytest.raises(MemoryLockedError, match="already open for writing"):
+        ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer)
+    first.add_text(TEXT)
+    assert len(ContextMemory.load(path, tiny_model, tokenizer=tiny_tokenizer)) == len(first)  # readers are fine
+    first.close()
+    ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer).close()
+
+
+def _corrupt_shard(path):
+    f = next(path.glob("blocks-*"))
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return f.name
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda p: next(p.glob("blocks-*")).write_bytes(next(p.glob("blocks-*")).read_bytes()[:1000]), r"blocks-.*truncated"),
+        (_corrupt_shard, r"blocks-.*checksum mismatch"),
+        (lambda p: (p / "manifest.json").write_text('{"format_version": 1, "model_'), r"manifest.json: not valid JSON"),
+        (lambda p: next(p.glob("state-*")).unlink(), r"state-.*missing"),
+        (lambda p: (p / "log.sqlite").write_bytes(b"garbage" * 100), r"log.sqlite"),
+        (
+            lambda p: (p / "manifest.json").write_text(
+                json.dumps({**json.loads((p / "manifest.json").read_text()), "format_version": 99})
+            ),
+            r"format version 99 is newer",
+        ),
+    ],
+    ids=["truncated-shard", "flipped-byte", "torn-manifest", "missing-state", "garbage-log", "newer-format"],
+)
+def test_damaged_files_give_an_error_naming_the_file_and_change_nothing(built, tmp_path, tiny_model, tiny_tokenizer, damage, match):
+    path = tmp_path / "m"
+    built.save(path)
+    damage(path)
+
+    def contents():  # LOCK only names the last writer's pid; everything else must stay as it was
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir() if p.name != "LOCK"}
+
+    before = contents()
+    with pytest.raises(MemoryFormatError, match=match):
+        ContextMemory.load(path, tiny_model, tokenizer=tiny_tokenizer)
+    with pytest.raises(MemoryFormatError, match=match):
+        ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer)
+    assert contents() == before
+
+
+def test_another_model_is_refused(built, tmp_path, tiny_tokenizer):
+    built.save(tmp_path / "m")
+    other = testing.tiny_llama(len(tiny_tokenizer), seed=1)
+    with pytest.raises(MemoryFormatError, match="fingerprint"):
+        ContextMemory.load(tmp_path / "m", other, tokenizer=tiny_tokenizer)
+
+
+def test_a_different_geometry_is_refused_on_open(tmp_path, tiny_model, tiny_tokenizer):
+    ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG).close()
+    with pytest.raises(ValueError, match="config differs .* in block_size"):
+        ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG.replace(block_size=8))
+
+
+def test_resident_bytes_stay_under_the_budget_and_answers_do_not_change(tiny_model, tiny_tokenizer):
+    budget = 700_000
+    cfg = testing.TINY_CONFIG
+    bounded = ContextMemory(tiny_model, tiny_tokenizer, cfg.replace(max_resident_bytes=budget))
+    unbounded = ContextMemory(tiny_model, tiny_tokenizer, cfg)
+    peak = 0
+    for i in range(40):
+        for m in (bounded, unbounded):
+            m.add_message(*message(i, 3))
+        peak = max(peak, bounded.stats().bytes["host"])
+        assert bounded.stats().bytes["host"] <= budget
+    st = bounded.stats()
+    assert st.bytes["disk"] > 0 and st.blocks > 30
+    assert unbounded.stats().bytes["host"] > budget  # the budget really bounded something
+    assert _ask(bounded) == _ask(unbounded) and _hits(bounded) == _hits(unbounded)
+
+
+def test_budget_too_small_for_the_window_is_a_clear_error(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="below what the local window"):
+        ContextMemory(tiny_model, tiny_tokenizer, testing.TINY_CONFIG.replace(max_resident_bytes=1000))
+
+
+@pytest.mark.parametrize("kind, ratio, tol", [("bf16", 0.5, 1e-2), ("int8", 0.25, 2e-2)])
+def test_kv_quantisation_shrinks_blocks_and_stays_close(kind, ratio, tol, tiny_model, tiny_tokenizer, tmp_path):
+    kv = torch.randn(2, 2, 16, 8)
+    codec = BlockCodec(kind, torch.float32)
+    back = codec.decode(codec.encode(kv))
+    assert ((back - kv).abs().max() / kv.abs().max()) < tol
+    mems = {}
+    for k in ("none", kind):
+        m = ContextMemory(tiny_model, tiny_tokenizer, testing.TINY_CONFIG.replace(kv_quantization=k))
+        m.add_text(TEXT * 20)
+        m.save(tmp_path / k)
+        mems[k] = m
+    size = {k: sum(p.stat().st_size for p in (tmp_path / k).glob("blocks-*")) for k in mems}
+    assert size[kind] < (ratio + 0.15) * size["none"]
+    loaded = ContextMemory.load(tmp_path / kind, tiny_model, tokenizer=tiny_tokenizer)
+    assert _ask(loaded) == _ask(mems[kind])
+
+
+def test_messages_list_what_the_memory_holds(tiny_memory):
+    tiny_memory.add_message("user", "hi")
+    tiny_memory.add_text("raw document")
+    assert tiny_memory.messages == [{"role": "user", "content": "hi"}, {"role": None, "content": "raw document"}]
+
+
+def test_bad_quantisation_and_budget_values(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="kv_quantization"):
+        MemoryConfig(kv_quantization="int4")
+    with pytest.raises(ValueError, match="max_resident_bytes must be >= 1"):
+        MemoryConfig(max_resident_bytes=0)
