@@ -188,6 +188,18 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 # ----------------------------------------------------------------------------------------- store
+@dataclass
+class ColdBlock:
+    """A block whose KV was dropped: the memory vectors that reproduce its tokens, and (gist mode)
+    the KV of those vectors per layer, ``[2, Hkv, n_vectors, D]``."""
+
+    vectors: object  # memory_plugin.vectors.MemoryVectors
+    gist: list[torch.Tensor] | None = None
+
+
+COLD_MODES = ("rehydrate", "gist", "drop")
+
+
 class _LayerBlocks:
     """Blocks of one layer: encoded KV per block (None while only on disk), reprs ``[n, H, D]``."""
 
@@ -290,6 +302,7 @@ class BlockStore:
         resident_budget: int | None = None,
     ):
         self.block_size = block_size
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.codec = BlockCodec(kv_quantization, dtype)
         self.compute_device = torch.device(compute_device)
         self.cache_device = torch.device(cache_device) if cache_device is not None else None
@@ -308,6 +321,14 @@ class BlockStore:
         self._resident = 0  # bytes of encoded block KV held in RAM
         # Last gathered selection per layer: consecutive decode steps mostly pick the same blocks.
         self._last: list[tuple[tuple[int, ...], torch.Tensor] | None] = [None] * n_layers
+        # Cold tier: blocks reduced to memory vectors. A selected cold block is rehydrated (KV
+        # recomputed by ``rehydrate(b) -> [per-layer kv]``, kept in a small LRU), or attended
+        # through its vectors' own KV (gist), or skipped (drop).
+        self.cold: dict[int, ColdBlock] = {}
+        self.cold_mode = "rehydrate"
+        self.rehydrate = None
+        self.max_rehydrated = 32
+        self._rehydrated: OrderedDict[int, None] = OrderedDict()
 
     def __len__(self) -> int:
         """Number of complete blocks (formed in every layer)."""
@@ -332,11 +353,12 @@ class BlockStore:
         if self.disk is None or n <= self.persisted:
             return None
         first = self.persisted
-        encs = [layer.kv[first:n] for layer in self.layers]
+        encs = [[self.stored(i, b) for b in range(first, n)] for i in range(len(self.layers))]
         info = self.disk.write(first, encs, [layer.reprs[first:n].cpu() for layer in self.layers])
         for i in range(len(self.layers)):
             for b in range(first, n):
-                self._clean[(i, b)] = _nbytes(self.layers[i].kv[b])
+                if self.layers[i].kv[b] is not None:
+                    self._clean[(i, b)] = _nbytes(self.layers[i].kv[b])
         self.persisted = n
         return info
 
@@ -362,6 +384,8 @@ class BlockStore:
 
     def _encoded(self, layer: int, b: int) -> dict:
         enc = self.layers[layer].kv[b]
+        if enc is None and b in self.cold:
+            raise KeyError(f"block {b} is in the cold tier; its KV is rehydrated through fetch()")
         if enc is None:  # on disk only: read it back, keep it in the LRU
             enc = self.disk.read(layer, b)
             self.layers[layer].kv[b] = enc
@@ -372,27 +396,84 @@ class BlockStore:
             self._clean.move_to_end((layer, b))
         return enc
 
+    def stored(self, layer: int, b: int) -> dict:
+        """Block ``b`` of ``layer`` encoded as stored, for writing out; a cold block (no KV) is a
+        zero placeholder, never read back (the snapshot marks it cold)."""
+        if b in self.cold and self.layers[layer].kv[b] is None:
+            shape = (2, self.n_kv_heads, self.block_size, self.head_dim)
+            return self.codec.encode(torch.zeros(shape, dtype=self.codec.dtype))
+        return self._encoded(layer, b)
+
     def block(self, layer: int, b: int) -> torch.Tensor:
         """Block ``b`` of ``layer`` decoded: ``[2, Hkv, block_size, D]``."""
         return self.codec.decode(self._encoded(layer, b))
 
     def fetch(self, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of blocks ``ids`` concatenated along tokens: two ``[Hkv, len(ids) * block_size, D]``."""
+        """K and V of blocks ``ids`` concatenated along tokens: two ``[Hkv, n, D]`` (``n`` is
+        ``len(ids) * block_size`` unless cold blocks are attended as gists or dropped)."""
         key = tuple(ids)
         last = self._last[layer]
         if last is not None and last[0] == key:
             kv = last[1]
         else:
-            if self.caches is not None:
-                cache = self.caches[layer]
-                kv = cache.data[cache.slots(ids, lambda b: self.block(layer, b))]
-            else:
-                kv = self.codec.decode_many([self._encoded(layer, b) for b in ids])
-            kv = kv.to(self.compute_device)  # [n, 2, Hkv, bs, D]
-            n, _, hkv, bs, d = kv.shape
-            kv = kv.permute(1, 2, 0, 3, 4).reshape(2, hkv, n * bs, d)
+            parts = [p for p in (self._block_kv(layer, b) for b in ids) if p is not None]
+            if parts:
+                kv = torch.cat(parts, dim=2).to(self.compute_device)  # [2, Hkv, n, D]
+            else:  # every selected block was a dropped cold block
+                kv = torch.zeros(2, self.n_kv_heads, 0, self.head_dim, dtype=self.codec.dtype, device=self.compute_device)
             self._last[layer] = (key, kv)
         return kv[0], kv[1]
+
+    def _block_kv(self, layer: int, b: int) -> torch.Tensor | None:
+        """``[2, Hkv, n, D]`` for block ``b`` on the compute device, or None (a dropped cold block)."""
+        if b in self.cold and self.layers[layer].kv[b] is None:
+            if self.cold_mode == "gist":
+                return self.cold[b].gist[layer]
+            if self.cold_mode == "drop":
+                return None
+            self._rehydrate(b)
+        if b in self._rehydrated:
+            self._rehydrated.move_to_end(b)
+        if self.caches is not None:
+            cache = self.caches[layer]
+            return cache.data[cache.slots([b], lambda x: self.block(layer, x))[0]]
+        return self.block(layer, b)
+
+    def _rehydrate(self, b: int) -> None:
+        kvs = self.rehydrate(b)
+        for i, kv in enumerate(kvs):
+            self.layers[i].kv[b] = {k: t.cpu() for k, t in self.codec.encode(kv).items()}
+            self._resident += _nbytes(self.layers[i].kv[b])
+        self._rehydrated[b] = None
+        while len(self._rehydrated) > self.max_rehydrated:  # back to cold: vectors only
+            old, _ = self._rehydrated.popitem(last=False)
+            self._drop_kv(old)
+
+    def archive(self, b: int, cold: ColdBlock) -> None:
+        """Move block ``b`` to the cold tier: its KV is dropped, its representative keys stay."""
+        self._drop_kv(b)
+        self.cold[b] = cold
+        self._rehydrated.pop(b, None)
+
+    def _drop_kv(self, b: int) -> None:
+        for i, layer in enumerate(self.layers):
+            enc = layer.kv[b]
+            if enc is not None and (i, b) not in self._clean:
+                self._resident -= _nbytes(enc)
+            elif (i, b) in self._clean:
+                self._resident -= self._clean.pop((i, b))
+            layer.kv[b] = None
+            if self.caches is not None and b in self.caches[i].slot_of:
+                self.caches[i].free.append(self.caches[i].slot_of.pop(b))
+            if self._last[i] is not None and b in self._last[i][0]:
+                self._last[i] = None
+
+    def tiers(self) -> dict[str, int]:
+        """Blocks per tier: ``ram`` (KV in RAM), ``disk`` (KV only on disk), ``cold`` (memory vectors)."""
+        n = len(self)
+        cold = sum(1 for b in self.cold if b < n and self.layers[0].kv[b] is None)
+        ram = sum(1 for b in range(n) if self.layers[0].kv[b] is not None)
+        return {"ram": ram, "disk": n - ram - cold, "cold": cold}
 
     # -------------------------------------------------------------------------------- state
     def truncate(self, n: int) -> list[str]:
@@ -409,6 +490,9 @@ class BlockStore:
             last = self._last[i]
             if last is not None and any(b >= n for b in last[0]):
                 self._last[i] = None
+        for b in [b for b in self.cold if b >= n]:
+            del self.cold[b]
+            self._rehydrated.pop(b, None)
         dropped = []
         if self.disk is not None and self.persisted > n:
             dropped = self.disk.truncate(n)
@@ -434,7 +518,8 @@ class BlockStore:
         """Keep every block in RAM only (after loading a saved memory without a RAM budget)."""
         for i in range(len(self.layers)):
             for b in range(len(self.layers[i])):
-                self._encoded(i, b)
+                if b not in self.cold:
+                    self._encoded(i, b)
         if self.disk is not None:
             self.disk.close()
         self.disk, self.persisted = None, 0
@@ -447,7 +532,12 @@ class BlockStore:
         cache = sum(c.data.numel() * c.data.element_size() for c in self.caches) if self.caches else 0
         memo = sum(x[1].numel() * x[1].element_size() for x in self._last if x is not None)
         disk = sum(s.nbytes for s in self.disk.shards) if self.disk is not None else 0
-        return {"host": self._resident + memo, "disk": disk, "device": cache, "repr": reprs}
+        cold = sum(
+            c.vectors.tensor.numel() * c.vectors.tensor.element_size()
+            + sum(g.numel() * g.element_size() for g in c.gist or [])
+            for c in self.cold.values()
+        )
+        return {"host": self._resident + memo, "disk": disk, "device": cache, "repr": reprs, "cold": cold}
 
     def close(self) -> None:
         if self.disk is not None:

@@ -59,6 +59,17 @@ class MemoryConfig:
     beyond it live in safetensors shards on disk (the memory's directory, or a temporary one) and
     are read back on demand. None keeps everything in RAM."""
 
+    archive_after_tokens: int | None = None
+    """Blocks whose tokens are all older than this many tokens are crammed into memory vectors in a
+    background thread and, when exact, lose their KV (the cold tier). None: never."""
+    archive_vectors: int = 2
+    """Memory vectors per archived block."""
+    archive_mode: str = "rehydrate"
+    """What attention does with a selected cold block: "rehydrate" (recompute its KV), "gist"
+    (attend to its vectors' KV) or "drop" (skip it)."""
+    archive_max_steps: int = 500
+    """Optimisation steps per archived block before it is declared not crammable (it keeps its KV)."""
+
     def __post_init__(self) -> None:
         for name in ("block_size", "n_local", "repr_topk", "chunk_size", "mass_stride", "max_cached_blocks"):
             _check_int(name, getattr(self, name), minimum=1)
@@ -68,6 +79,12 @@ class MemoryConfig:
             raise ValueError(f"kv_quantization must be 'none', 'bf16' or 'int8', got {self.kv_quantization!r}")
         if self.max_resident_bytes is not None:
             _check_int("max_resident_bytes", self.max_resident_bytes, minimum=1)
+        if self.archive_after_tokens is not None:
+            _check_int("archive_after_tokens", self.archive_after_tokens, minimum=0)
+        _check_int("archive_vectors", self.archive_vectors, minimum=1)
+        _check_int("archive_max_steps", self.archive_max_steps, minimum=1)
+        if self.archive_mode not in ("rehydrate", "gist", "drop"):
+            raise ValueError(f"archive_mode must be 'rehydrate', 'gist' or 'drop', got {self.archive_mode!r}")
         if self.block_positions not in ("fixed", "ordered"):
             raise ValueError(f"block_positions must be 'fixed' or 'ordered', got {self.block_positions!r}")
         if self.repr_topk > self.block_size:

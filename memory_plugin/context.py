@@ -339,8 +339,8 @@ class Context:
         store = self.store.nbytes()
         near = self._fixed_bytes() + store["repr"] + store["device"]
         if self.device.type == "cpu":
-            return {"device": 0, "host": near + store["host"], "disk": store["disk"]}
-        return {"device": near, "host": store["host"], "disk": store["disk"]}
+            return {"device": 0, "host": near + store["host"], "disk": store["disk"], "cold": store["cold"]}
+        return {"device": near, "host": store["host"], "disk": store["disk"], "cold": store["cold"]}
 
     # ----------------------------------------------------------------------------- snapshots
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -354,6 +354,8 @@ class Context:
             out[f"init_mass.{i}"] = st.init_mass[:, :il]
             out[f"win_k.{i}"], out[f"win_v.{i}"] = st.win_k[:, s:e], st.win_v[:, s:e]
             out[f"win_mass.{i}"] = st.win_mass[:, s:e]
+        for b, cold in self.store.cold.items():  # the cold tier: memory vectors instead of KV
+            out[f"cold.{b}"] = cold.vectors.tensor
         return out, vars(lay).copy()
 
     def load_state(self, tensors: dict[str, torch.Tensor], layout: dict) -> None:
@@ -370,3 +372,10 @@ class Context:
             st.win_mass[:, s:e] = tensors[f"win_mass.{i}"]
             st.win_krot[:, s:e] = apply_rope(st.win_k[:, s:e], self.cos[s:e], self.sin[s:e])
         self.layout = lay
+        from .blocks import ColdBlock
+        from .vectors import MemoryVectors
+
+        for name, t in tensors.items():
+            if name.startswith("cold."):
+                vecs = MemoryVectors(t, self.cfg.block_size, exact=True, steps=0, seconds=0.0)
+                self.store.archive(int(name.split(".")[1]), ColdBlock(vecs))

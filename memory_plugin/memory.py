@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 
 from .attention import block_relevance, representative_keys
+from .archive import ColdTier
 from .chat import ChatFormat, StreamDecoder, check_message, check_text
 from .config import MemoryConfig
 from .model import DEFAULT_MODEL_NAME, MemoryForward, load_model
 from . import persistence as _p
+from . import vectors as _vectors
+from .vectors import MemoryVectors
 
 
 _N_SINK = 4  # attention-sink tokens at the start of a history (StreamingLLM uses 4)
@@ -45,8 +48,9 @@ class MemoryStats:
     init_tokens: int
     window_tokens: int
     blocks: int
-    bytes: dict[str, int]  # by tier: "device" (accelerator), "host" (RAM)
+    bytes: dict[str, int]  # by tier: "device" (accelerator), "host" (RAM), "disk", "cold" (memory vectors)
     config: MemoryConfig
+    blocks_by_tier: dict[str, int] = field(default_factory=dict)  # "ram", "disk", "cold"
 
     @property
     def total_bytes(self) -> int:
@@ -120,6 +124,7 @@ class ContextMemory:
             self._spill_dir = Path(tempfile.mkdtemp(prefix="memory_plugin-"))
             weakref.finalize(self, shutil.rmtree, self._spill_dir, ignore_errors=True)
         self._fingerprint_cache: str | None = None
+        self._cold = ColdTier(self)
         self.reset()
 
     @classmethod
@@ -146,6 +151,7 @@ class ContextMemory:
             if getattr(self, "_ctx", None) is not None:
                 self._ctx.store.close()
             self._ctx = self._forward.new_context(self.config, spill_dir=self._spill_dir)
+            self._cold.attach(self._ctx)
             self._entries: list[Entry] = []
             self._clock = 0
             self._rollbacks: list[tuple[int, int]] = []  # (clock, tokens kept) for checkpoint validity
@@ -201,6 +207,7 @@ class ContextMemory:
         self._entries += entries
         if self._durable is not None:
             self._durable.maybe_snapshot(self)
+        self._cold.notify()
 
     def _first_ids(self, ids: list[int]) -> list[int]:
         """Prefix BOS when the history is empty and the tokenizer uses one."""
@@ -447,6 +454,40 @@ class ContextMemory:
         text = self.tokenizer.decode(self._ctx.tokens[start:end], skip_special_tokens=True)
         return MemoryHit(text, start, end, score, entry, role)
 
+    # ------------------------------------------------------------------------------------ memory vectors
+    def cram(self, text_or_token_ids: str | Sequence[int], n_vectors: int = 1, **kw) -> MemoryVectors:
+        """Memory vectors from which this model reproduces the text exactly (``.exact`` says
+        whether that was achieved and verified). Keyword arguments as :func:`memory_plugin.vectors.cram_many`.
+
+        Example:
+            >>> vecs = mem.cram("The meeting moved to Thursday at 3pm.", n_vectors=1)  # doctest: +SKIP
+            >>> vecs.exact, mem.uncram(vecs)  # doctest: +SKIP
+            (True, 'The meeting moved to Thursday at 3pm.')
+        """
+        return self.cram_many([text_or_token_ids], n_vectors, **kw)[0]
+
+    def cram_many(self, segments: Sequence[str | Sequence[int]], n_vectors: int = 1, **kw) -> list[MemoryVectors]:
+        """:meth:`cram` for several segments, optimised together in batches (converged ones frozen)."""
+        segs = []
+        for i, s in enumerate(segments):
+            if isinstance(s, str):
+                check_text(s, f"segments[{i}]")
+                s = self._chat.encode(s)
+            segs.append(list(s))
+        return _vectors.cram_many(self.model, segs, n_vectors, **kw)
+
+    def uncram(self, vectors: MemoryVectors) -> str:
+        """The text greedy decoding reproduces from ``vectors`` alone (refuses another model's vectors)."""
+        return self.tokenizer.decode(_vectors.decode(self.model, vectors), skip_special_tokens=False)
+
+    def archive(self, older_than_tokens: int | None = None) -> int:
+        """Cram now every block older than ``older_than_tokens`` (default: the config's
+        ``archive_after_tokens``, else 0) into the cold tier; returns how many blocks went cold."""
+        older = older_than_tokens if older_than_tokens is not None else (self.config.archive_after_tokens or 0)
+        if isinstance(older, bool) or not isinstance(older, int) or older < 0:
+            raise ValueError(f"older_than_tokens must be a non-negative int, got {older_than_tokens!r}")
+        return self._cold.archive(older)
+
     # ------------------------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the whole memory to the directory ``path`` (created; format in
@@ -560,7 +601,8 @@ class ContextMemory:
             self._entries.append(Entry(role, content, start, len(self)))
 
     def close(self) -> None:
-        """Write a final snapshot and release the directory (an open memory); no-op otherwise."""
+        """Stop background archiving; for an open memory, write a final snapshot and release the directory."""
+        self._cold.close()
         with self._lock:
             if self._durable is not None:
                 self._durable.snapshot(self)
@@ -604,6 +646,7 @@ class ContextMemory:
             blocks=len(self._ctx.store),
             bytes=self._ctx.nbytes(),
             config=self.config,
+            blocks_by_tier=self._ctx.store.tiers(),
         )
 
     def __len__(self) -> int:

@@ -330,7 +330,7 @@ def write_copy(mem, directory: Path, fingerprint: str, model_name: str) -> None:
         per_shard = 64
         for first in range(0, len(store), per_shard):
             ids = range(first, min(first + per_shard, len(store)))
-            encs = [[store._encoded(i, b) for b in ids] for i in range(len(store.layers))]
+            encs = [[store.stored(i, b) for b in ids] for i in range(len(store.layers))]
             shards.write(first, encs, [layer.reprs[first : ids[-1] + 1].cpu() for layer in store.layers])
         tensors, layout = ctx.state_tensors()
         data = encode_state(tensors, layout)

@@ -1,0 +1,171 @@
+"""The cold tier of a ContextMemory: old blocks reduced to memory vectors, brought back on demand.
+
+Blocks older than ``archive_after_tokens`` are crammed (in a background thread) into
+``archive_vectors`` memory vectors each. Only a block whose vectors are *exact* (greedy decoding
+from them gives its tokens back) goes cold: its KV is dropped, its representative keys stay
+indexed so retrieval still finds it. A block that does not cram exactly keeps its KV.
+
+When a cold block is selected, ``archive_mode`` decides:
+
+* ``rehydrate``: one forward pass over ``[vectors, block tokens]`` recomputes its KV; the logits
+  of that pass are checked to decode the block's tokens (every argmax right is exactly what greedy
+  decoding from the vectors would produce, in one pass instead of ``block_size`` steps). Kept in
+  a small LRU.
+* ``gist``: the KV of the vectors themselves is attended, as ``archive_vectors`` soft tokens.
+* ``drop``: the block is skipped (the baseline the other two are measured against).
+
+Token ids are kept either way (4 bytes a token, they are the durable log), so no data is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .attention import apply_rope
+from .blocks import ColdBlock
+from .vectors import FAST_RECIPE, Recipe, cram_many
+
+
+class ColdTier:
+    """Archiving and rehydration for one :class:`~memory_plugin.ContextMemory`."""
+
+    def __init__(self, mem):
+        self.mem = mem
+        self.failed: set[tuple[int, tuple[int, ...]]] = set()  # (block, its tokens) that did not cram exactly
+        self.rehydrations = 0
+        self.decode_mismatches = 0
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._busy = threading.Lock()
+
+    # ------------------------------------------------------------------------ wiring
+    def attach(self, ctx) -> None:
+        """Connect a (new) context's block store to this tier."""
+        ctx.store.cold_mode = self.mem.config.archive_mode
+        ctx.store.rehydrate = self._rehydrate
+        ctx.store.max_rehydrated = max(2 * self.mem.config.topk, 8)
+
+    def notify(self) -> None:
+        """New history was added: wake the background worker if archiving is on."""
+        if self.mem.config.archive_after_tokens is None:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="memory-plugin-archiver", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        """Block until the worker has nothing left to archive (for tests and benchmarks)."""
+        while True:
+            with self._busy:
+                if not self._candidates(self.mem.config.archive_after_tokens or 0):
+                    return
+            self._wake.set()
+            threading.Event().wait(0.05)
+
+    # ------------------------------------------------------------------------ archiving
+    def _candidates(self, older_than: int) -> list[int]:
+        mem = self.mem
+        ctx = mem._ctx
+        horizon = len(mem) - older_than
+        out = []
+        for b in range(len(ctx.store)):
+            a, e = ctx.block_span(b)
+            if e > horizon:
+                break
+            if b not in ctx.store.cold and (b, tuple(ctx.tokens[a:e])) not in self.failed:
+                out.append(b)
+        return out
+
+    def archive(self, older_than: int, *, limit: int | None = None, recipe: Recipe = FAST_RECIPE) -> int:
+        """Cram blocks whose tokens are all older than ``older_than`` tokens; returns how many went cold."""
+        cfg = self.mem.config
+        with self._busy:
+            with self.mem._lock:
+                blocks = self._candidates(older_than)[:limit]
+                ctx = self.mem._ctx
+                segs = [ctx.tokens[slice(*ctx.block_span(b))] for b in blocks]
+            if not blocks:
+                return 0
+            # No lock while optimising: ingestion and answering go on meanwhile.
+            results = cram_many(self.mem.model, segs, cfg.archive_vectors, max_steps=cfg.archive_max_steps, recipe=recipe)
+            done = 0
+            with self.mem._lock:
+                ctx = self.mem._ctx
+                for b, seg, vecs in zip(blocks, segs, results):
+                    if b >= len(ctx.store) or ctx.tokens[slice(*ctx.block_span(b))] != seg:
+                        continue  # rolled back or reset meanwhile
+                    if not vecs.exact:
+                        self.failed.add((b, tuple(seg)))  # never lose data: the block keeps its KV
+                        continue
+                    gist = self._gist(vecs.tensor) if cfg.archive_mode == "gist" else None
+                    ctx.store.archive(b, ColdBlock(vecs, gist))
+                    done += 1
+            return done
+
+    def _run(self) -> None:
+        cfg = self.mem.config
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._stop and self.archive(cfg.archive_after_tokens, limit=FAST_RECIPE.batch_size):
+                pass
+
+    # ------------------------------------------------------------------------ bringing back
+    def _positions(self, n: int):
+        cos, sin = self.mem._forward.rope_tables(n + 1)
+        return cos, sin
+
+    def _unrotate(self, keys: torch.Tensor, actual: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Keys rotated at positions ``actual`` moved to positions ``target`` (RoPE by the difference)."""
+        cos, sin = self._positions(int(actual.max()) + 1)
+        delta = actual - target  # >= 0: rotate back by delta
+        return apply_rope(keys, cos[delta], -sin[delta])
+
+    def _targets(self, n: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        actual = torch.arange(offset, offset + n)
+        ordered = self.mem.config.block_positions == "ordered"
+        return actual, (torch.arange(n) if ordered else torch.zeros(n, dtype=torch.long))
+
+    @torch.inference_mode()
+    def _forward_kv(self, embeds: torch.Tensor):
+        from transformers import DynamicCache
+
+        model = self.mem.model
+        cache = DynamicCache(config=model.config)
+        out = model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True)
+        return out.logits[0], [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+
+    def _rehydrate(self, b: int) -> list[torch.Tensor]:
+        """KV of cold block ``b`` for every layer, recomputed with its vectors as context."""
+        mem = self.mem
+        ctx = mem._ctx
+        a, e = ctx.block_span(b)
+        tokens = torch.tensor(ctx.tokens[a:e], device=mem.model.device)
+        vecs = ctx.store.cold[b].vectors.tensor.to(mem.model.device, mem._forward.dtype)
+        k, n = vecs.shape[0], len(tokens)
+        with torch.inference_mode():
+            embeds = torch.cat([vecs, mem._forward.embed(tokens)])
+        logits, layers = self._forward_kv(embeds)
+        if not torch.equal(logits[k - 1 : k - 1 + n].argmax(-1), tokens):
+            self.decode_mismatches += 1  # the KV still comes from the true tokens (kept in the log)
+        self.rehydrations += 1
+        actual, target = self._targets(n, k)
+        return [torch.stack((self._unrotate(kk[:, k:], actual, target), vv[:, k:])) for kk, vv in layers]
+
+    def _gist(self, vectors: torch.Tensor) -> list[torch.Tensor]:
+        """KV of the vectors themselves, per layer, placed like the first tokens of a block."""
+        vecs = vectors.to(self.mem.model.device, self.mem._forward.dtype)
+        _, layers = self._forward_kv(vecs)
+        actual, target = self._targets(vecs.shape[0], 0)
+        return [torch.stack((self._unrotate(kk, actual, target), vv)) for kk, vv in layers]
