@@ -87,12 +87,15 @@ class ColdTier:
                 out.append(b)
         return out
 
-    def archive(self, older_than: int, *, limit: int | None = None, recipe: Recipe = FAST_RECIPE) -> int:
-        """Cram blocks whose tokens are all older than ``older_than`` tokens; returns how many went cold."""
+    def archive(
+        self, older_than: int, *, limit: int | None = None, only: set[int] | None = None, recipe: Recipe = FAST_RECIPE
+    ) -> int:
+        """Cram blocks whose tokens are all older than ``older_than`` tokens (``only``: just these
+        block ids); returns how many went cold."""
         cfg = self.mem.config
         with self._busy:
             with self.mem._lock:
-                blocks = self._candidates(older_than)[:limit]
+                blocks = [b for b in self._candidates(older_than) if only is None or b in only][:limit]
                 ctx = self.mem._ctx
                 segs = [ctx.tokens[slice(*ctx.block_span(b))] for b in blocks]
             if not blocks:

@@ -1,0 +1,255 @@
+"""``ContextMemoryLLM``: a local model with ContextMemory attention as a LlamaIndex ``CustomLLM``.
+
+LlamaIndex resends the whole conversation on every ``chat`` call. The LLM keeps the encoded
+conversations in a :class:`memory_plugin.ConversationPool` (the core's prefix reuse, shared with the
+LangChain adapter), so each call encodes only the messages that are new since the last one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from memory_plugin import ContextMemory, ConversationPool, MemoryConfig, load_model
+
+from ._common import iterate_in_thread, to_memory_messages
+
+MEMORY_CONTEXT_WINDOW = 131_072
+"""Reported as ``metadata.context_window``: what one conversation may hold. The memory has no hard
+limit (each turn attends to ``config.span`` tokens however long the history); what bounds it is host
+RAM for the key/value blocks, about 45 KB per token for the embedded SmolLM2-135M in float32 (30
+layers x 3 KV heads x 64 dims x K and V), so 128k tokens take about 6 GB. Raise it with
+``context_window=`` on a machine with more memory. The model's trained window is
+:attr:`ContextMemoryLLM.trained_context_window` (8192 for SmolLM2)."""
+
+
+class ContextMemoryLLM(CustomLLM):
+    """A local Llama-family model whose attention reaches the whole conversation through ContextMemory.
+
+    * ``chat`` / ``stream_chat``: the messages in the model's chat template; the reply is the
+      assistant's next turn. Conversations are kept in a pool of ``max_conversations`` memories and
+      only the new messages of each call are encoded (pass ``thread_id=`` to pin a conversation).
+    * ``complete`` / ``stream_complete``: the prompt as raw text, continued (completion). A 135M
+      model answers completion-style prompts ("...\\nQ: What is the pass key?\\nA: The pass key is")
+      much better than chat questions.
+
+    Per-call keyword arguments: ``max_new_tokens`` (or ``max_tokens``), ``temperature``, ``top_p``,
+    ``stop``, ``seed``, ``thread_id`` (chat only). Async methods run the model on a worker thread.
+
+    Example:
+        >>> llm = ContextMemoryLLM.from_pretrained()  # doctest: +SKIP
+        >>> llm.complete("The capital of France is").text  # doctest: +SKIP
+        >>> llm.chat([ChatMessage(role="user", content="Hi!")]).message.content  # doctest: +SKIP
+    """
+
+    max_new_tokens: int = Field(default=256, gt=0, description="Tokens generated at most per call.")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] | None = Field(default=None, description="Strings that end a reply (not included).")
+    context_window: int = Field(default=MEMORY_CONTEXT_WINDOW, gt=0, description="See MEMORY_CONTEXT_WINDOW.")
+    model_name: str = Field(default="unknown")
+
+    _pool: ConversationPool = PrivateAttr()
+    _scratch: ContextMemory = PrivateAttr()
+
+    def __init__(
+        self,
+        memory: ContextMemory | None = None,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        config: MemoryConfig | None = None,
+        max_conversations: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        """``memory``: an existing memory (its model is used; if it holds a chat, that chat is the
+        pool's first conversation); or ``model`` and ``tokenizer`` (see :func:`memory_plugin.load_model`)
+        with an optional ``config``."""
+        if memory is not None:
+            pool = ConversationPool(memory=memory, max_conversations=max_conversations)
+            name = memory.model_name
+        else:
+            pool = ConversationPool(model, tokenizer, config, max_conversations=max_conversations)
+            name = getattr(model.config, "_name_or_path", None) or model.config.model_type
+        kwargs.setdefault("model_name", name)
+        super().__init__(**kwargs)
+        self._pool = pool
+        # Completions start from an empty history; generate() leaves it empty again.
+        self._scratch = ContextMemory(pool.model, pool.tokenizer, pool.config, model_name=self.model_name)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        config: MemoryConfig | None = None,
+        device: Any = None,
+        dtype: Any = None,
+        **kwargs: Any,
+    ) -> ContextMemoryLLM:
+        """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; see
+        :meth:`memory_plugin.ContextMemory.from_pretrained`)."""
+        from memory_plugin.model import DEFAULT_MODEL_NAME
+
+        hf_model, tokenizer = load_model(model, device=device, dtype=dtype)
+        kwargs.setdefault("model_name", DEFAULT_MODEL_NAME if model is None else str(model))
+        return cls(model=hf_model, tokenizer=tokenizer, config=config, **kwargs)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ContextMemoryLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            is_function_calling_model=False,
+            model_name=self.model_name,
+        )
+
+    @property
+    def trained_context_window(self) -> int | None:
+        """The context the model was trained on (``max_position_embeddings``); the memory reaches past it."""
+        return getattr(self._pool.model.config, "max_position_embeddings", None)
+
+    @property
+    def pool(self) -> ConversationPool:
+        return self._pool
+
+    # ------------------------------------------------------------------------------- completion
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        text = "".join(self._complete_pieces(prompt, formatted, kwargs))
+        return CompletionResponse(text=text)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        pieces = self._complete_pieces(prompt, formatted, kwargs)
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            try:
+                for piece in pieces:
+                    text += piece
+                    yield CompletionResponse(text=text, delta=piece)
+            finally:
+                pieces.close()
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        text = await asyncio.to_thread(lambda: "".join(self._complete_pieces(prompt, formatted, kwargs)))
+        return CompletionResponse(text=text)
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        async def gen() -> CompletionResponseAsyncGen:
+            text = ""
+            async for piece in iterate_in_thread(lambda: self._complete_pieces(prompt, formatted, kwargs)):
+                text += piece
+                yield CompletionResponse(text=text, delta=piece)
+
+        return gen()
+
+    def _complete_pieces(self, prompt: str, formatted: bool, kwargs: dict) -> Iterator[str]:
+        if not formatted:
+            prompt = self.completion_to_prompt(prompt)
+        opts, _ = self._options(kwargs)
+        return self._scratch.stream(prompt, chat=False, **opts)
+
+    # ------------------------------------------------------------------------------------- chat
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        out = None
+        for out in self._chat_responses(messages, kwargs):
+            pass
+        return out
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._chat_responses(messages, kwargs, stream=True)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        def run():
+            out = None
+            for out in self._chat_responses(messages, kwargs):
+                pass
+            return out
+
+        return await asyncio.to_thread(run)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        async def gen() -> ChatResponseAsyncGen:
+            async for response in iterate_in_thread(lambda: self._chat_responses(messages, kwargs, stream=True)):
+                yield response
+
+        return gen()
+
+    def _chat_responses(self, messages: Sequence[ChatMessage], kwargs: dict, stream: bool = False):
+        """Chat responses as the reply grows (``stream``), or only the final one. The conversation
+        stays checked out of the pool (locked) until the generator ends."""
+        msgs = to_memory_messages(messages)
+        if not msgs:
+            raise ValueError("no message with text to answer")
+        opts, thread_id = self._options(kwargs)
+        with self._pool.conversation(msgs, thread_id=thread_id) as conv:
+            usage = {
+                "reused_tokens": conv.reused_tokens,
+                "new_tokens": conv.new_tokens,
+                "memory_tokens": len(conv.memory),
+            }
+            text = ""
+            pieces = conv.memory.stream(None, **opts)
+            try:
+                for piece in pieces:
+                    text += piece
+                    if stream:
+                        yield self._chat_response(text, piece, usage)
+            finally:
+                pieces.close()
+            if not stream:
+                yield self._chat_response(text, text, usage)
+
+    @staticmethod
+    def _chat_response(text: str, delta: str, usage: dict) -> ChatResponse:
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+            delta=delta,
+            additional_kwargs=dict(usage),
+        )
+
+    def _options(self, kwargs: dict) -> tuple[dict, str | None]:
+        kwargs = dict(kwargs)
+        thread_id = kwargs.pop("thread_id", None)
+        max_new = kwargs.pop("max_new_tokens", None) or kwargs.pop("max_tokens", None) or self.max_new_tokens
+        opts = {
+            "max_new_tokens": int(max_new),
+            "temperature": kwargs.pop("temperature", self.temperature),
+            "top_p": kwargs.pop("top_p", self.top_p),
+            "stop": kwargs.pop("stop", self.stop),
+            "seed": kwargs.pop("seed", None),
+        }
+        return opts, thread_id
