@@ -154,3 +154,16 @@ def block_relevance(q_mean: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
     ``q_mean [H, D]``, ``reprs [n_blocks, H, D]`` -> ``[n_blocks]``.
     """
     return torch.einsum("hd,bhd->b", q_mean.float(), reprs.float())
+
+
+def maxsim_relevance(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Late-interaction relevance of spans to a query (as ColBERT's MaxSim, on the model's own
+    attention keys): each query token's best-matching key in the span, averaged over the query's
+    tokens, summed over heads.
+
+    ``q [H, T, D]``, ``keys [S, H, n, D]`` (per query head), ``valid [S, n]`` (padding is False)
+    -> ``[S]``.
+    """
+    sim = torch.einsum("htd,shnd->shtn", q.float(), keys.float())
+    sim.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    return sim.amax(dim=-1).mean(dim=-1).sum(dim=-1)

@@ -76,7 +76,7 @@ class Step:
     ws: int
     w0: int
     new_blocks: int  # blocks cut from the window after the chunk
-    capture: list | None = None  # when a list, each layer appends its retrieval query (for retrieve())
+    capture: list | None = None  # when a list, each layer appends its queries [H, c, D] (for retrieve())
 
     @property
     def we(self) -> int:
@@ -97,6 +97,8 @@ class _LayerState:
         self.init_krot = torch.zeros(init_shape, dtype=dtype, device=device)
         self.init_v = torch.zeros(init_shape, dtype=dtype, device=device)
         self.init_mass = torch.zeros(g.n_heads, cfg.n_init, dtype=torch.float32, device=device)
+        # Sum of every query (rotated at the fixed distance): retrieve() centres its query on the mean.
+        self.q_sum = torch.zeros(g.n_heads, g.head_dim, dtype=torch.float32, device=device)
 
     def snapshot(self) -> dict:
         # Window/init tensors are only written past the live range or replaced on compaction, so
@@ -104,6 +106,7 @@ class _LayerState:
         snap = dict(vars(self))
         snap["win_mass"] = self.win_mass.clone()
         snap["init_mass"] = self.init_mass.clone()
+        snap["q_sum"] = self.q_sum.clone()
         return snap
 
     def restore(self, snap: dict) -> None:
@@ -218,6 +221,7 @@ class Context:
         # Everything outside the local window sits at the fixed distance n_local ("fixed"), or, with
         # block_positions="ordered", at n_local + (block_size - 1 - offset in its block).
         q_far = apply_rope(q, cos[cfg.n_local], sin[cfg.n_local])
+        st.q_sum += q_far.float().sum(dim=1)
         q_blk = q_far if not self.ordered else apply_rope(q, cos[self.far_pos], sin[self.far_pos])
         hi = min(we, step.t0 + c - cfg.n_local - step.base)
         if hi > ws:  # window tokens already out of some query's local window, not yet a block
@@ -231,7 +235,7 @@ class Context:
         if step.capture is not None or (cfg.topk and len(self.store.layers[i])):
             q_mean = q_far.mean(dim=1)
             if step.capture is not None:
-                step.capture.append(q_mean)
+                step.capture.append(q_far)
             ids = self.store.select(i, q_mean, cfg.topk) if cfg.topk else []
             if ids:
                 bk, bv = self.store.fetch(i, ids)
@@ -354,6 +358,7 @@ class Context:
             out[f"init_mass.{i}"] = st.init_mass[:, :il]
             out[f"win_k.{i}"], out[f"win_v.{i}"] = st.win_k[:, s:e], st.win_v[:, s:e]
             out[f"win_mass.{i}"] = st.win_mass[:, s:e]
+            out[f"q_sum.{i}"] = st.q_sum
         for b, cold in self.store.cold.items():  # the cold tier: memory vectors instead of KV
             out[f"cold.{b}"] = cold.vectors.tensor
         return out, vars(lay).copy()
@@ -371,6 +376,7 @@ class Context:
             st.win_v[:, s:e] = tensors[f"win_v.{i}"]
             st.win_mass[:, s:e] = tensors[f"win_mass.{i}"]
             st.win_krot[:, s:e] = apply_rope(st.win_k[:, s:e], self.cos[s:e], self.sin[s:e])
+            st.q_sum[:] = tensors.get(f"q_sum.{i}", 0)
         self.layout = lay
         from .blocks import ColdBlock
         from .vectors import MemoryVectors

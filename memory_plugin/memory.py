@@ -17,17 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .attention import block_relevance, representative_keys
 from .archive import ColdTier
 from .chat import ChatFormat, StreamDecoder, check_message, check_text
 from .config import MemoryConfig
 from .model import DEFAULT_MODEL_NAME, MemoryForward, load_model
 from . import persistence as _p
+from . import retrieval as _retrieval
 from . import vectors as _vectors
 from .vectors import MemoryVectors
-
-
-_N_SINK = 4  # attention-sink tokens at the start of a history (StreamingLLM uses 4)
 
 
 @dataclass(frozen=True)
@@ -392,10 +389,13 @@ class ContextMemory:
 
     @torch.inference_mode()
     def retrieve(self, query: str, k: int = 4) -> list[MemoryHit]:
-        """The ``k`` spans of history most relevant to ``query``, by the memory's own relevance
-        (mean query · representative keys, as for block selection), standardised per layer and
-        averaged over layers. Spans are memory blocks, plus block-sized pieces of the initial tokens
-        and of the local window, so the whole history is searchable. The memory is not changed.
+        """The ``k`` spans of history most relevant to ``query``, best first. Spans are memory
+        blocks, plus block-sized pieces of the initial tokens and of the local window, so the whole
+        history is searchable. Relevance is the model's own attention: the query's queries against
+        each span's keys (see :mod:`memory_plugin.retrieval`). The memory is not changed.
+
+        Example:
+            >>> [(h.role, h.text[:40]) for h in mem.retrieve("database port", k=2)]  # doctest: +SKIP
         """
         check_text(query, "query")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
@@ -403,50 +403,18 @@ class ContextMemory:
         with self._lock:
             if k == 0 or len(self) == 0:
                 return []
-            spans, reprs = self._retrieval_candidates()
             capture: list[torch.Tensor] = []
+            n_seen = len(self)
             cp = self._ctx.checkpoint()
             try:
                 self._forward(torch.tensor(self._chat.encode(query)), self._ctx, logits="none", capture=capture)
             finally:
                 self._ctx.rollback(cp)
-            n_layers = len(reprs)
-            q = torch.stack(capture).view(-1, n_layers, *capture[0].shape).mean(dim=0)
-            score = torch.zeros(len(spans))
-            for layer in range(n_layers):
-                s = block_relevance(q[layer], reprs[layer]).cpu()
-                score += (s - s.mean()) / (s.std() + 1e-6) if len(s) > 1 else s
-            score /= n_layers
+            n_layers = len(self._ctx.layers)
+            queries = [torch.cat(capture[layer::n_layers], dim=1) for layer in range(n_layers)]  # [H, T, D]
+            spans, score = _retrieval.rank(self._ctx, queries, n_seen)
             order = score.topk(min(k, len(spans))).indices.tolist()
-            return [self._hit(*spans[i], float(score[i])) for i in order]
-
-    def _retrieval_candidates(self) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
-        """Spans ``[start, end)`` and per layer their representative keys ``[n_spans, H, D]``."""
-        ctx, cfg = self._ctx, self.config
-        lay = ctx.layout
-        bs = cfg.block_size
-        n_blocks = len(ctx.store)
-        spans = [ctx.block_span(b) for b in range(n_blocks)]
-        init = [(a, min(a + bs, lay.init_len)) for a in range(0, lay.init_len, bs)]
-        w0, w1 = ctx.window_range
-        window = [(a, min(a + bs, w1)) for a in range(w0, w1, bs)]
-        reprs = []
-        for i, st in enumerate(ctx.layers):
-            extra = []
-            for a, b in init:
-                mass = st.init_mass[:, a:b].clone()
-                if a == 0 and b > _N_SINK + cfg.repr_topk:
-                    # The first tokens are attention sinks: huge mass, no content. Don't let them
-                    # represent the span, or it matches every query.
-                    mass[:, :_N_SINK] = float("-inf")
-                extra.append(representative_keys(st.init_k[:, a:b], mass, min(cfg.repr_topk, b - a)))
-            for a, b in window:
-                j = lay.win_start + (a - w0)
-                sl = slice(j, j + b - a)
-                extra.append(representative_keys(st.win_k[:, sl], st.win_mass[:, sl], min(cfg.repr_topk, b - a)))
-            parts = [ctx.store.layers[i].reprs[:n_blocks]] + ([torch.stack(extra)] if extra else [])
-            reprs.append(torch.cat(parts))
-        return spans + init + window, reprs
+            return [self._hit(spans[i].start, spans[i].end, float(score[i])) for i in order]
 
     def _hit(self, start: int, end: int, score: float) -> MemoryHit:
         entry = next((j for j, e in enumerate(self._entries) if e.start <= start < e.end), None)

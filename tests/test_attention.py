@@ -98,3 +98,22 @@ def test_block_relevance_is_dot_product_summed_over_heads():
     reprs = torch.randn(5, H, D)
     expected = torch.stack([(q * reprs[b]).sum() for b in range(5)])
     torch.testing.assert_close(block_relevance(q, reprs), expected)
+
+
+def test_maxsim_relevance_matches_a_loop_and_ignores_padding():
+    from memory_plugin.attention import maxsim_relevance
+
+    g = torch.Generator().manual_seed(0)
+    h, t, d, n = 3, 5, 8, 6
+    q = torch.randn(h, t, d, generator=g)
+    keys = torch.randn(4, h, n, d, generator=g)
+    valid = torch.ones(4, n, dtype=torch.bool)
+    valid[2, 3:] = False
+    keys[2, :, 3:] = 100.0  # padding with huge keys must not count
+    expect = torch.tensor(
+        [
+            sum(max(float(q[hh, tt] @ keys[s, hh, j]) for j in range(n) if valid[s, j]) for hh in range(h) for tt in range(t)) / t
+            for s in range(4)
+        ]
+    )
+    torch.testing.assert_close(maxsim_relevance(q, keys, valid), expect, rtol=1e-5, atol=1e-4)
