@@ -1,7 +1,9 @@
 """Passkey accuracy, ingest throughput, per-turn latency and peak RSS on the embedded model:
 ContextMemory against full attention, truncation and StreamingLLM, plus the model's own ceiling.
 
-Each (method, history length) runs in its own process so peak RSS is its own. Histories for
+Accuracy and timings are separate runs: the accuracy run is long, the timing run (``perf``) short
+enough to have the machine to itself. Each (method, history length) runs in its own process so
+peak RSS is its own. Histories for
 different needle depths and seeds share their filler prefix (checkpoint/rollback), which cuts
 the CPU time about in half without changing what each question sees.
 
@@ -9,6 +11,7 @@ the CPU time about in half without changing what each question sees.
     python benchmarks/passkey.py report --out benchmarks/results/passkey
     python benchmarks/passkey.py one --method contextmemory --length 16384 --depths 5 --seeds 2 --set n_local=1024
     python benchmarks/passkey.py sweep --length 16384 --out benchmarks/results/sweep
+    python benchmarks/passkey.py perf --out benchmarks/results/perf      # timings: on a quiet machine
 """
 
 from __future__ import annotations
@@ -99,32 +102,62 @@ def run_one(method: str, length: int, n_depths: int, n_seeds: int, overrides: li
                 mem.add_text(passkey_history(tok, 1000, d, key))
                 ans = mem.generate(QUESTION, max_new_tokens=8, chat=False)
                 rows.append({"depth": d, "seed": s, "key": key, "answer": ans, "correct": key in ans})
-        return _result(method, 1000, cfg, rows, rss_model, {})
+        return _result(method, 1000, cfg, rows, rss_model)
 
     n_rep = filler_repeats(tok, length)
-    msg = _turn_message(tok)
-    done, first, timings = 0, True, {}
+    done = 0
     for di, d in sorted(enumerate(depths), key=lambda x: x[1]):
         at = round(d * n_rep)
-        t_prefix = 0.0
         if at > done:
-            _, t_prefix = _timed(mem.add_text, FILLER * (at - done))
+            mem.add_text(FILLER * (at - done))
             done = at
         cp = mem.checkpoint()
         for s in range(n_seeds):
             key = passkey(1000 * s + di)
-            _, t1 = _timed(mem.add_text, needle(key))
-            _, t2 = _timed(mem.add_text, FILLER * (n_rep - at))
-            if first:  # the first history was ingested from scratch: its throughput, and turn latency
-                first = False
-                timings["history_tokens"] = len(mem)
-                timings["ingest_seconds"] = t_prefix + t1 + t2
-                timings["ingest_tok_s"] = len(mem) / timings["ingest_seconds"]
-                timings["turn_seconds"] = _turn_latency(mem, msg)
+            mem.add_text(needle(key))
+            mem.add_text(FILLER * (n_rep - at))
             ans = mem.generate(QUESTION, max_new_tokens=8, chat=False)
-            rows.append({"depth": d, "seed": s, "key": key, "answer": ans, "correct": key in ans})
+            rows.append({"depth": d, "seed": s, "key": key, "answer": ans, "correct": key in ans, "tokens": len(mem)})
             mem.rollback(cp)
-    return _result(method, length, cfg, rows, rss_model, timings)
+    return _result(method, length, cfg, rows, rss_model)
+
+
+def perf_one(method: str, lengths: list[int], overrides: list[str], step: int = 2048) -> dict:
+    """Grow one history to each length in turn; at each, the marginal ingest throughput (the last
+    ``step`` tokens) and the median per-turn latency. Timings only: run it on a quiet machine."""
+    from memory_plugin import load_model
+    from memory_plugin.tasks import FILLER
+
+    model, tok = load_model()
+    cfg = _config(overrides)
+    rss_model = _rss_mb()
+    mem = _build(method, model, tok, cfg)
+    msg = _turn_message(tok)
+    chunk = FILLER * 100  # ~2k tokens
+    out = {"method": method, "config": cfg.to_dict(), "rss_model_mb": rss_model, "points": []}
+    total_t = 0.0
+    for length in sorted(lengths):
+        if len(mem) + step > length:
+            raise SystemExit(f"lengths must be at least {step} apart and >= {step}")
+        while len(mem) < length - step:  # grow to length - step, untimed for the marginal figure
+            _, t = _timed(mem.add_text, chunk)
+            total_t += t
+        ids = tok(chunk * 2, add_special_tokens=False)["input_ids"][: length - len(mem)]
+        text = tok.decode(ids)
+        n0 = len(mem)
+        _, t = _timed(mem.add_text, text)
+        total_t += t
+        out["points"].append(
+            {
+                "length": len(mem),
+                "marginal_tok_s": (len(mem) - n0) / t,
+                "average_tok_s": len(mem) / total_t,
+                "turn_seconds": _turn_latency(mem, msg),
+                "peak_rss_beyond_model_mb": _peak_rss_mb() - rss_model,
+            }
+        )
+        print(f"{method:>14} {len(mem):>6}: {out['points'][-1]}", flush=True)
+    return out
 
 
 def _turn_latency(mem, msg: str, repeats: int = 3) -> float:
@@ -140,7 +173,7 @@ def _turn_latency(mem, msg: str, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def _result(method, length, cfg, rows, rss_model, timings) -> dict:
+def _result(method, length, cfg, rows, rss_model) -> dict:
     return {
         "method": method,
         "length": length,
@@ -150,7 +183,6 @@ def _result(method, length, cfg, rows, rss_model, timings) -> dict:
         "rss_model_mb": rss_model,
         "peak_rss_mb": _peak_rss_mb(),
         "peak_rss_beyond_model_mb": _peak_rss_mb() - rss_model,
-        **timings,
         "rows": rows,
     }
 
@@ -185,9 +217,18 @@ def main() -> None:
     sw.add_argument("--length", type=int, default=16384)
     sw.add_argument("--grid", nargs="+", required=True, help="configs as 'k=v,k=v' strings")
     sw.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
+    perf = sub.add_parser("perf", help="ingest throughput and per-turn latency (timings; run on a quiet machine)")
+    perf.add_argument("--methods", nargs="+", default=["contextmemory", "streaming", "truncation", "full"], choices=METHODS)
+    perf.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768, 65536])
+    perf.add_argument("--full-max-length", type=int, default=16384)
+    perf.add_argument("--set", action="append", default=[])
+    perf.add_argument("--out", type=Path, default=Path("benchmarks/results/perf"))
+    perf.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    perf.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     rep = sub.add_parser("report", help="markdown table and plot from an 'all' run")
     rep.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey"))
     rep.add_argument("--sweep", action="store_true", help="the directory holds a sweep")
+    rep.add_argument("--perf", type=Path, default=Path("benchmarks/results/perf"), help="timings from 'perf'")
     a = p.parse_args()
 
     if a.cmd == "one":
@@ -201,17 +242,27 @@ def main() -> None:
                 if m == "ceiling" and length != a.lengths[0] or m == "full" and length > a.full_max_length:
                     continue
                 _run_subprocess(m, length, a.depths, a.seeds, a.set, a.out / f"{m}-{length}.json")
+    elif a.cmd == "perf" and a.method:  # one method, in its own process (own peak RSS)
+        lengths = [n for n in a.lengths if a.method != "full" or n <= a.full_max_length]
+        a.json.write_text(json.dumps(perf_one(a.method, lengths, a.set), indent=1))
+    elif a.cmd == "perf":
+        a.out.mkdir(parents=True, exist_ok=True)
+        for m in a.methods:
+            cmd = [sys.executable, __file__, "perf", "--method", m, "--json", str(a.out / f"{m}.json")]
+            cmd += ["--lengths", *map(str, a.lengths), "--full-max-length", str(a.full_max_length)]
+            for o in a.set:
+                cmd += ["--set", o]
+            subprocess.run(cmd, check=True)
     elif a.cmd == "sweep":
         a.out.mkdir(parents=True, exist_ok=True)
         for g in a.grid:
             overrides = [*a.set, *(x for x in g.split(",") if x)]
             name = "_".join(overrides) or "default"
-            res = _run_subprocess("contextmemory", a.length, a.depths, a.seeds, overrides, a.out / f"{name}.json")
-            print(f"   {name}: ingest {res['ingest_tok_s']:.0f} tok/s, turn {res['turn_seconds']:.2f}s", flush=True)
+            _run_subprocess("contextmemory", a.length, a.depths, a.seeds, overrides, a.out / f"{name}.json")
     elif a.cmd == "report":
         from report import passkey_report, sweep_report  # benchmarks/report.py
 
-        print(sweep_report(a.out) if a.sweep else passkey_report(a.out))
+        print(sweep_report(a.out) if a.sweep else passkey_report(a.out, a.perf))
 
 
 if __name__ == "__main__":

@@ -17,45 +17,51 @@ def _load(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
 
 
-def passkey_report(out: Path) -> str:
-    """Markdown tables of a ``passkey.py all`` run, and ``passkey.png`` beside the JSON files."""
+def passkey_report(out: Path, perf: Path | None = None) -> str:
+    """Markdown tables of a ``passkey.py all`` run (accuracy) and a ``perf`` run (timings), and
+    ``passkey.png`` beside the accuracy JSON files."""
     runs = _load(out)
     ceiling = next((r for r in runs if r["method"] == "ceiling"), None)
     lengths = sorted({r["length"] for r in runs if r["method"] != "ceiling"})
-    by = {(r["method"], r["length"]): r for r in runs}
+    acc = {(r["method"], r["length"]): r for r in runs}
+    timing = {}
+    if perf is not None and perf.exists():
+        for r in _load(perf):
+            for pt in r["points"]:
+                timing[r["method"], pt["length"]] = pt
+    t_lengths = sorted({n for _, n in timing})
     lines = []
     if ceiling:
         lines.append(
             f"Model ceiling (each needle alone in ~1k tokens, full attention): "
             f"**{ceiling['accuracy']:.0%}** of {ceiling['n_questions']} questions.\n"
         )
-    header = "| method | " + " | ".join(f"{n // 1024}k" for n in lengths) + " |"
-    sep = "|---|" + "---|" * len(lengths)
 
-    def table(title, fmt, key):
-        rows = [f"**{title}**\n", header, sep]
+    def table(title, data, lens, fmt, key):
+        rows = [f"**{title}**\n", "| method | " + " | ".join(f"{n // 1024}k" for n in lens) + " |", "|---|" + "---|" * len(lens)]
         for m, label in LABELS.items():
-            cells = [fmt(by[m, n][key]) if (m, n) in by and key in by[m, n] else "not run" for n in lengths]
+            cells = [fmt(data[m, n][key]) if (m, n) in data else "not run" for n in lens]
             if any(c != "not run" for c in cells):
                 rows.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(rows) + "\n"
 
-    lines.append(table("Passkey accuracy", lambda v: f"{v:.0%}", "accuracy"))
-    lines.append(table("Ingest throughput (tokens/s, whole history from scratch)", lambda v: f"{v:,.0f}", "ingest_tok_s"))
-    lines.append(table("Per-turn latency (s): add a 200-token message + generate 32 tokens", lambda v: f"{v:.2f}", "turn_seconds"))
-    lines.append(table("Peak RSS beyond the loaded model (MiB)", lambda v: f"{v:,.0f}", "peak_rss_beyond_model_mb"))
-    cm = [by.get(("contextmemory", n)) for n in lengths]
-    if cm[0] and cm[-1]:
-        lines.append(
-            f"ContextMemory, {lengths[-1] // 1024}k vs {lengths[0] // 1024}k: ingest throughput "
-            f"{cm[-1]['ingest_tok_s'] / cm[0]['ingest_tok_s']:.2f}x, per-turn latency "
-            f"{cm[-1]['turn_seconds'] / cm[0]['turn_seconds']:.2f}x.\n"
-        )
-    _plot(out / "passkey.png", by, lengths, ceiling)
+    lines.append(table("Passkey accuracy", acc, lengths, lambda v: f"{v:.0%}", "accuracy"))
+    lines.append(table("Peak RSS beyond the loaded model, accuracy run (MiB)", acc, lengths, lambda v: f"{v:,.0f}", "peak_rss_beyond_model_mb"))
+    if timing:
+        lines.append(table("Ingest throughput at that history length (tokens/s, the last 2k tokens)", timing, t_lengths, lambda v: f"{v:,.0f}", "marginal_tok_s"))
+        lines.append(table("Per-turn latency (s): add a 200-token message + generate 32 tokens", timing, t_lengths, lambda v: f"{v:.2f}", "turn_seconds"))
+        cm = [timing.get(("contextmemory", n)) for n in t_lengths]
+        if cm[0] and cm[-1]:
+            lines.append(
+                f"ContextMemory at {t_lengths[-1] // 1024}k vs {t_lengths[0] // 1024}k: ingest throughput "
+                f"{cm[-1]['marginal_tok_s'] / cm[0]['marginal_tok_s']:.2f}x, per-turn latency "
+                f"{cm[-1]['turn_seconds'] / cm[0]['turn_seconds']:.2f}x.\n"
+            )
+    _plot(out / "passkey.png", acc, lengths, timing, t_lengths, ceiling)
     return "\n".join(lines)
 
 
-def _plot(path: Path, by: dict, lengths: list[int], ceiling: dict | None) -> None:
+def _plot(path: Path, acc: dict, lengths: list[int], timing: dict, t_lengths: list[int], ceiling: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,24 +69,25 @@ def _plot(path: Path, by: dict, lengths: list[int], ceiling: dict | None) -> Non
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for m, label in LABELS.items():
-        xs = [n for n in lengths if (m, n) in by]
-        if not xs:
-            continue
-        ax1.plot(xs, [100 * by[m, n]["accuracy"] for n in xs], "o-", label=label)
-        ax2.plot(xs, [by[m, n]["turn_seconds"] for n in xs if "turn_seconds" in by[m, n]], "o-", label=label)
+        xs = [n for n in lengths if (m, n) in acc]
+        if xs:
+            ax1.plot(xs, [100 * acc[m, n]["accuracy"] for n in xs], "o-", label=label)
+        xs = [n for n in t_lengths if (m, n) in timing]
+        if xs:
+            ax2.plot(xs, [timing[m, n]["turn_seconds"] for n in xs], "o-", label=label)
     if ceiling:
         ax1.axhline(100 * ceiling["accuracy"], color="grey", ls="--", label="model ceiling (~1k tokens)")
-    ax1.axvline(8192, color="grey", ls=":", lw=1)
-    ax1.text(8192, 3, " trained context", color="grey", fontsize=8)
-    for ax in (ax1, ax2):
+    for ax, lens in ((ax1, lengths), (ax2, t_lengths or lengths)):
+        ax.axvline(8192, color="grey", ls=":", lw=1)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
-        ax.set_xlabel("history length (tokens)")
+        ax.set_xticks(lens, [f"{n // 1024}k" for n in lens])
+        ax.set_xlabel("history length (tokens); dotted: trained context")
     ax1.set_ylabel("passkey accuracy (%)")
     ax1.set_ylim(-5, 105)
     ax2.set_ylabel("per-turn latency (s, log)")
     ax2.set_yscale("log")
     ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct on 2 CPU cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -88,12 +95,13 @@ def _plot(path: Path, by: dict, lengths: list[int], ceiling: dict | None) -> Non
 
 def sweep_report(out: Path) -> str:
     """Markdown table of a ``passkey.py sweep`` run."""
-    rows = ["| config | accuracy | ingest tok/s | per-turn s | peak RSS beyond model (MiB) |", "|---|---|---|---|---|"]
+    rows = ["| config | span | accuracy |", "|---|---|---|"]
     for r in sorted(_load(out), key=lambda r: -r["accuracy"]):
         c = r["config"]
-        name = f"n_local={c['n_local']} topk={c['topk']} block={c['block_size']} repr={c['repr_topk']} stride={c['mass_stride']}"
-        rows.append(
-            f"| {name} | {r['accuracy']:.0%} ({r['n_questions']}) | {r['ingest_tok_s']:.0f} | "
-            f"{r['turn_seconds']:.2f} | {r['peak_rss_beyond_model_mb']:.0f} |"
+        name = (
+            f"n_local={c['n_local']} topk={c['topk']} block_size={c['block_size']} repr_topk={c['repr_topk']} "
+            f"mass_stride={c['mass_stride']} positions={c.get('block_positions', 'fixed')}"
         )
+        span = c["n_init"] + c["n_local"] + c["topk"] * c["block_size"]
+        rows.append(f"| {name} | {span} | {r['accuracy']:.0%} of {r['n_questions']} |")
     return "\n".join(rows)
