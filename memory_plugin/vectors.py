@@ -207,8 +207,9 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
                 steps[j], seconds[j] = step, time.perf_counter() - t0
         if not active.any():
             break
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
+        # Gradients for the vectors only: the model's weights stay frozen and untouched (no .grad
+        # written on a user's model), and their gradients are not computed at all.
+        (vectors.grad,) = torch.autograd.grad(loss, vectors)
         if recipe.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_([vectors], recipe.clip_norm)
         opt.step()

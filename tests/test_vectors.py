@@ -31,6 +31,14 @@ def test_a_short_segment_becomes_exact_and_decodes_back(model):
     assert v.tensor.shape == (2, model.config.hidden_size)
 
 
+def test_cramming_leaves_the_models_weights_and_their_gradients_alone(model):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cram(model, [5, 9, 11], n_vectors=1, max_steps=5)
+    for n, p in model.named_parameters():
+        assert p.grad is None, n
+        assert torch.equal(p, before[n]), n
+
+
 def test_exact_means_greedy_decoding_was_checked(model, monkeypatch):
     import memory_plugin.vectors as mv
 
