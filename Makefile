@@ -29,9 +29,16 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests integrations/llama_index/tests integrations/langchain/tests
 
+# The figures of docs/BENCHMARKS.md (about two hours on 2 CPU cores; each command is in that file).
 bench: venv
-	$(PY) benchmarks/passkey.py all --out benchmarks/results/passkey
-	$(PY) benchmarks/passkey.py report --out benchmarks/results/passkey
+	$(PY) benchmarks/passkey.py all --lengths 8192 32768 65536 --depths 5 --seeds 1 --full-max-length 8192 --out benchmarks/results/passkey
+	$(PY) benchmarks/passkey.py perf --methods contextmemory truncation full --out benchmarks/results/perf
+	$(PY) benchmarks/passkey.py report --out benchmarks/results/passkey --perf benchmarks/results/perf
+	$(PY) benchmarks/attention_paths.py
+	$(PY) benchmarks/retrieval.py
+	$(PY) benchmarks/probes.py
+	$(PY) benchmarks/persistence.py --tokens 16384 --budget-mb 64
+	$(PY) benchmarks/cramming.py bytes
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,191 @@
+"""Memory vectors on the embedded SmolLM2-135M: capacity (tokens per vector that decode exactly),
+optimisation cost (the paper's recipe against ours), and bytes per token.
+
+Natural text is the Python language reference (pydoc_data, shipped with every CPython); random-word
+text is the same vocabulary shuffled. Success is exact greedy reconstruction, verified by decoding.
+
+    python benchmarks/cramming.py capacity --vectors 1 2 4 8 --segments 20 --max-steps 2000
+    python benchmarks/cramming.py cost --length 32 --segments 8
+    python benchmarks/cramming.py bytes
+    python benchmarks/cramming.py cold --facts 5     # a fact in a cold block: rehydrate vs gist vs drop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+GRID = (16, 32, 48, 64, 96, 128, 192, 256)
+
+
+def segments(tokenizer, kind: str, length: int, n: int, seed: int = 0) -> list[list[int]]:
+    """``n`` segments of exactly ``length`` tokens of natural or random-word text."""
+    from pydoc_data.topics import topics
+
+    rng = random.Random(f"{kind}:{length}:{seed}")
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    if kind == "random":
+        words = text.split()
+        rng.shuffle(words)
+        text = " ".join(words)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    starts = rng.sample(range(len(ids) - length), n)
+    return [ids[s : s + length] for s in starts]
+
+
+def capacity(model, tok, vectors: list[int], kinds: list[str], n: int, max_steps: int, grid, out: Path) -> list[dict]:
+    """Walk up the length grid per (kind, n_vectors) until fewer than 95% of segments decode exactly."""
+    from memory_plugin.vectors import cram_many
+
+    rows = []
+    for kind in kinds:
+        for k in vectors:
+            for length in grid:
+                segs = segments(tok, kind, length, n)
+                t = time.perf_counter()
+                res = cram_many(model, segs, n_vectors=k, max_steps=max_steps)
+                row = {
+                    "kind": kind,
+                    "n_vectors": k,
+                    "length": length,
+                    "exact": sum(r.exact for r in res) / n,
+                    "segments": n,
+                    "median_steps": sorted(r.steps for r in res)[n // 2],
+                    "seconds": time.perf_counter() - t,
+                    "max_steps": max_steps,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                out.write_text(json.dumps(rows, indent=1))
+                if row["exact"] < 0.95:
+                    break
+    return rows
+
+
+def cost(model, tok, length: int, n: int, max_steps: int) -> list[dict]:
+    """Seconds and steps per exact segment: the paper's recipe, ours one at a time, ours batched."""
+    from dataclasses import replace
+
+    from memory_plugin.vectors import FAST_RECIPE, PAPER_RECIPE, cram_many
+
+    segs = segments(tok, "natural", length, n, seed=1)
+    rows = []
+    for name, recipe in (
+        ("paper (lr 1e-2, one at a time)", PAPER_RECIPE),
+        ("ours, one at a time", replace(FAST_RECIPE, batch_size=1)),
+        (f"ours, batched ({FAST_RECIPE.batch_size})", FAST_RECIPE),
+    ):
+        torch_seed(0)
+        t = time.perf_counter()
+        res = cram_many(model, segs, n_vectors=1, max_steps=max_steps, recipe=recipe)
+        secs = time.perf_counter() - t
+        exact = sum(r.exact for r in res)
+        row = {
+            "recipe": name,
+            "length": length,
+            "segments": n,
+            "exact": exact,
+            "seconds": secs,
+            "seconds_per_exact": secs / exact if exact else None,
+            "mean_steps": sum(r.steps for r in res) / n,
+            "max_steps": max_steps,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def cold(model, tok, n_facts: int, max_steps: int) -> list[dict]:
+    """A fact in a block that went cold, answered with its KV (before archiving), then with the
+    block rehydrated, attended as gist vectors, or dropped. Small blocks (32 tokens) so one
+    vector holds a block."""
+    from memory_plugin import ContextMemory, MemoryConfig
+    from memory_plugin.tasks import FILLER, passkey
+
+    cfg = MemoryConfig(
+        block_size=32, n_init=32, n_local=256, topk=2, chunk_size=128,
+        archive_vectors=1, archive_max_steps=max_steps, archive_mode="gist",
+    )
+    rows = []
+    for f in range(n_facts):
+        key = passkey(500 + f)
+        mem = ContextMemory(model, tok, cfg)
+        mem.add_text(FILLER * (2 + f) + f"\nThe vault code is {key}.\n" + FILLER * 20)
+        block = next(b for b in range(mem.stats().blocks) if key in tok.decode(mem.token_ids[slice(*mem._ctx.block_span(b))]))
+        question = "\nThe vault code is"
+        row = {"key": key, "kv": mem.generate(question, max_new_tokens=6, chat=False)}
+        t = time.perf_counter()
+        row["crammed"] = mem._cold.archive(0, only={block}) == 1
+        row["cram_seconds"] = time.perf_counter() - t
+        for mode in ("rehydrate", "gist", "drop"):
+            mem._ctx.store.cold_mode = mode  # benchmark only: the mode is a config field
+            row[mode] = mem.generate(question, max_new_tokens=6, chat=False) if row["crammed"] else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def torch_seed(s: int) -> None:
+    import torch
+
+    torch.manual_seed(s)
+
+
+def bytes_per_token(model) -> dict:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim
+    return {
+        "kv_fp32": kv * 4,
+        "kv_bf16": kv * 2,
+        "kv_int8": kv,  # plus one scale per channel and block, under 1% at block_size 128
+        "vector_fp32": c.hidden_size * 4,  # one memory vector; divide by the tokens it holds
+        "token_id_int32": 4,
+    }
+
+
+def main() -> None:
+    from memory_plugin import load_model
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    cap = sub.add_parser("capacity")
+    cap.add_argument("--vectors", type=int, nargs="+", default=[1, 2, 4, 8])
+    cap.add_argument("--kinds", nargs="+", default=["natural", "random"], choices=["natural", "random"])
+    cap.add_argument("--segments", type=int, default=20)
+    cap.add_argument("--max-steps", type=int, default=2000)
+    cap.add_argument("--grid", type=int, nargs="+", default=list(GRID))
+    cap.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/capacity.json"))
+    co = sub.add_parser("cost")
+    co.add_argument("--length", type=int, default=32)
+    co.add_argument("--segments", type=int, default=8)
+    co.add_argument("--max-steps", type=int, default=2000)
+    co.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/cost.json"))
+    sub.add_parser("bytes")
+    cd = sub.add_parser("cold")
+    cd.add_argument("--facts", type=int, default=5)
+    cd.add_argument("--max-steps", type=int, default=1500)
+    cd.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/cold.json"))
+    a = p.parse_args()
+    model, tok = load_model()
+    torch_seed(0)
+    if a.cmd == "capacity":
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        capacity(model, tok, a.vectors, a.kinds, a.segments, a.max_steps, a.grid, a.out)
+    elif a.cmd == "cost":
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(cost(model, tok, a.length, a.segments, a.max_steps), indent=1))
+    elif a.cmd == "cold":
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(cold(model, tok, a.facts, a.max_steps), indent=1))
+    else:
+        print(json.dumps(bytes_per_token(model), indent=1))
+
+
+if __name__ == "__main__":
+    main()
