@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from memory_plugin import ContextMemory, testing  # noqa: E402
+from memory_plugin.pytest_fixtures import tiny_memory, tiny_model, tiny_tokenizer  # noqa: E402, F401
 
 
 def pytest_configure(config):
@@ -29,22 +30,6 @@ def pytest_pycollect_makeitem(collector, name, obj):
     for item in items if isinstance(items, list) else [items]:
         if isinstance(item, pytest.Function) and item.get_closest_marker("asyncio") is None:
             item.add_marker(pytest.mark.asyncio)
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
-    return testing.tiny_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_tokenizer):
-    return testing.tiny_llama(len(tiny_tokenizer))
-
-
-@pytest.fixture
-def tiny_memory(tiny_model, tiny_tokenizer):
-    """An empty ContextMemory on the tiny model, with a geometry under which blocks form quickly."""
-    return ContextMemory(tiny_model, tiny_tokenizer, testing.TINY_CONFIG)
 
 
 @pytest.fixture
