@@ -37,7 +37,7 @@ bench: venv
 	$(PY) benchmarks/attention_paths.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/probes.py
-	$(PY) benchmarks/persistence.py --tokens 16384 --budget-mb 64
+	$(PY) benchmarks/persistence.py --tokens 16384 --budget-mb 384
 	$(PY) benchmarks/cramming.py bytes
 
 clean:
