@@ -70,7 +70,7 @@ def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path
         cfg = cfg.replace(kv_quantization="int8")
     store = workdir / mode
     peak = PeakRSS()
-    mem = ContextMemory(model, tok, cfg) if mode == "ram" else ContextMemory.open(store, config=cfg)
+    mem = ContextMemory(model, tok, cfg) if mode == "ram" else ContextMemory.open(store, model, tokenizer=tok, config=cfg)
     n_rep, key = filler_repeats(tok, tokens), passkey(4242)
     at, step = round(depth * n_rep), 100  # ~2k tokens per add, as an agent's tool outputs would come
     t = time.perf_counter()
@@ -102,7 +102,7 @@ def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path
         mem.close()
         out["disk_bytes_per_token"] = _dir_bytes(store) / out["tokens"]
         t = time.perf_counter()
-        loaded = ContextMemory.load(store, max_resident_bytes=cfg.max_resident_bytes)
+        loaded = ContextMemory.load(store, model, tokenizer=tok, max_resident_bytes=cfg.max_resident_bytes)
         out["load_seconds"] = time.perf_counter() - t
         out["answer_after_load"] = loaded.generate(QUESTION, max_new_tokens=8, chat=False)
         t = time.perf_counter()

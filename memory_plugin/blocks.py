@@ -8,6 +8,8 @@ tokens ``[n_init + b * block_size, n_init + (b + 1) * block_size)`` of the histo
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
@@ -73,6 +75,11 @@ class ShardInfo:
         return vars(self).copy()
 
 
+MAX_OPEN_SHARDS = 64
+"""Shard files kept open for reading (LRU): a shard is written about every chunk once a RAM budget
+is reached, ~500 at 256k tokens, more than the common 1024-descriptor limit allows at 1M."""
+
+
 class ShardSet:
     """Blocks on disk. Files are written once (temp file, fsync, rename) and read back with
     positioned reads, block by block: mapped pages would count against the process's resident
@@ -83,7 +90,7 @@ class ShardSet:
         self.prefix = prefix
         self.shards: list[ShardInfo] = []
         self._index: dict[str, tuple[dict, int]] = {}  # file -> (header, data start)
-        self._fds: dict[str, int] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()  # open shard files, least recent first
 
     @property
     def n_blocks(self) -> int:
@@ -111,14 +118,19 @@ class ShardSet:
         raise KeyError(f"block {b} is not on disk")
 
     def _header(self, file: str) -> tuple[dict, int, int]:
-        if file not in self._index:
+        fd = self._fds.get(file)
+        if fd is None:
             fd = os.open(self.dir / file, os.O_RDONLY)
-            (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-            header = json.loads(os.pread(fd, size, 8))
-            self._index[file] = (header, 8 + size)
+            if len(self._fds) >= MAX_OPEN_SHARDS:  # a long history has more shards than a process has fds
+                os.close(self._fds.pop(next(iter(self._fds))))
             self._fds[file] = fd
+        else:
+            self._fds.move_to_end(file)
+        if file not in self._index:
+            (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            self._index[file] = (json.loads(os.pread(fd, size, 8)), 8 + size)
         header, start = self._index[file]
-        return header, start, self._fds[file]
+        return header, start, fd
 
     def read(self, layer: int, b: int) -> dict[str, torch.Tensor]:
         """Block ``b`` of ``layer``, encoded, read from disk."""
@@ -185,6 +197,28 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# ----------------------------------------------------------------------------------------- allocator
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+ALLOC_MMAP_THRESHOLD = 64 * 1024
+
+
+def return_freed_memory_to_os() -> bool:
+    """Make the C allocator give freed block buffers back to the OS (glibc only; returns whether set).
+
+    glibc raises its mmap threshold each time a large buffer is freed, so later block-sized
+    buffers come from heap arenas that keep their pages after ``free``: with a RAM budget the
+    process then grew by ~420 MB beyond the blocks it held at 8k tokens (BENCHMARKS.md, durable
+    memory). A fixed threshold keeps every buffer above it in its own mapping, unmapped on free.
+    Process-wide, so it is only set when a budget is asked for.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, ALLOC_MMAP_THRESHOLD))
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to tune
+        return False
 
 
 # ----------------------------------------------------------------------------------------- store
@@ -316,6 +350,8 @@ class BlockStore:
         )
         self.disk = ShardSet(spill_dir) if spill_dir is not None else None
         self.resident_budget = resident_budget
+        if resident_budget is not None:
+            return_freed_memory_to_os()
         self.persisted = 0  # blocks [0, persisted) are on disk
         self._clean: OrderedDict[tuple[int, int], int] = OrderedDict()  # resident on-disk blocks, LRU
         self._resident = 0  # bytes of encoded block KV held in RAM
