@@ -99,10 +99,12 @@ class _LayerState:
         self.init_mass = torch.zeros(g.n_heads, cfg.n_init, dtype=torch.float32, device=device)
         # Sum of every query (rotated at the fixed distance): retrieve() centres its query on the mean.
         self.q_sum = torch.zeros(g.n_heads, g.head_dim, dtype=torch.float32, device=device)
+        self.pinned = False  # a snapshot refers to the window buffers: compaction must not overwrite them
 
     def snapshot(self) -> dict:
         # Window/init tensors are only written past the live range or replaced on compaction, so
         # references suffice; attention mass is accumulated in place and must be copied.
+        self.pinned = True
         snap = dict(vars(self))
         snap["win_mass"] = self.win_mass.clone()
         snap["init_mass"] = self.init_mass.clone()
@@ -111,6 +113,10 @@ class _LayerState:
 
     def restore(self, snap: dict) -> None:
         vars(self).update(snap)
+        # The accumulators are updated in place: keep the snapshot's own copies intact, so the same
+        # checkpoint can be rolled back to again.
+        for name in ("win_mass", "init_mass", "q_sum"):
+            setattr(self, name, snap[name].clone())
 
 
 class Context:
@@ -158,7 +164,7 @@ class Context:
         )
         self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in range(geometry.n_layers)]
         if config.max_resident_bytes is not None and self._block_budget() <= 0:
-            fixed = self._fixed_bytes()
+            fixed = self._fixed_bytes() + self._window_bytes()
             raise ValueError(
                 f"max_resident_bytes={config.max_resident_bytes} is below what the local window and init "
                 f"tokens alone need ({fixed} bytes); raise it or lower n_local"
@@ -265,16 +271,22 @@ class Context:
 
     # ----------------------------------------------------------------------------- internals
     def _compact(self, st: _LayerState, shift: int) -> None:
-        """Move the window to the front of fresh buffers (the old ones may back a checkpoint)."""
+        """Move the window to the front of its buffers: fresh ones while a checkpoint holds the
+        current ones (a transaction), in place otherwise, so at most two sets ever exist."""
         lay = self.layout
         n = lay.win_end - lay.win_start
         src = slice(lay.win_start, lay.win_end)
         for name in ("win_k", "win_v", "win_mass"):
             old = getattr(st, name)
-            new = torch.zeros_like(old)
-            new[:, :n] = old[:, src]
-            setattr(st, name, new)
-        st.win_krot = torch.zeros_like(st.win_k)
+            if st.pinned:
+                new = torch.empty_like(old)
+                new[:, :n] = old[:, src]
+                setattr(st, name, new)
+            else:
+                old[:, :n] = old[:, src].clone()  # source and destination may overlap
+        if st.pinned:
+            st.win_krot = torch.empty_like(st.win_k)
+            st.pinned = False
         st.win_krot[:, :n] = apply_rope(st.win_k[:, :n], self.cos[:n], self.sin[:n])
 
     def _cut_blocks(self, i: int, st: _LayerState, step: Step) -> None:
@@ -327,15 +339,21 @@ class Context:
 
     def _fixed_bytes(self) -> int:
         """Window and init buffers: allocated once, whatever the history length."""
-        return sum(t.numel() * t.element_size() for st in self.layers for t in vars(st).values())
+        return sum(t.numel() * t.element_size() for st in self.layers for t in vars(st).values() if torch.is_tensor(t))
+
+    def _window_bytes(self) -> int:
+        """The window buffers of every layer: a second set exists while a checkpoint holds the first."""
+        return sum(getattr(st, n).numel() * getattr(st, n).element_size() for st in self.layers for n in ("win_k", "win_krot", "win_v", "win_mass"))
 
     def _block_budget(self) -> int:
-        """RAM left for block KV under ``max_resident_bytes``: the rest holds window, init and reprs.
-        Headroom of one selection per layer is kept for the gathered blocks attention reads."""
+        """RAM left for block KV under ``max_resident_bytes``: the rest holds window, init and reprs,
+        the second set of window buffers a transaction may hold while the window is compacted, and
+        one selection per layer of gathered blocks (what attention reads)."""
         store = self.store.nbytes()
         bs = self.cfg.block_size
         selection = self.g.n_layers * self.cfg.topk * 2 * self.g.n_kv_heads * bs * self.g.head_dim * 4
-        return self.cfg.max_resident_bytes - self._fixed_bytes() - store["repr"] - selection
+        fixed = self._fixed_bytes() + self._window_bytes()
+        return self.cfg.max_resident_bytes - fixed - store["repr"] - selection
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by tier: ``device`` (accelerator: window, init, reprs, block cache), ``host``

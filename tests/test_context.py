@@ -209,9 +209,10 @@ def test_checkpoint_rollback_restores_every_tensor(gqa_model):
         cp = ctx.checkpoint()
         before = _state(ctx)
         after_cp = fwd(_ids(10, seed=9), ctx)  # logits of a probe continuation
-        fwd(_ids(200, seed=8), ctx, logits="none")  # forms blocks, compacts the window
-        ctx.rollback(cp)
-        assert _state(ctx) == before
+        for seed in (8, 10):  # the same checkpoint twice: a rollback must not consume it
+            fwd(_ids(200, seed=seed), ctx, logits="none")  # forms blocks, compacts the window
+            ctx.rollback(cp)
+            assert _state(ctx) == before
         again = fwd(_ids(10, seed=9), ctx)
     torch.testing.assert_close(again, after_cp)
 
@@ -224,7 +225,7 @@ def _state(ctx):
     for st in ctx.layers:
         for t in (st.win_k[:, s:e], st.win_krot[:, s:e], st.win_v[:, s:e], st.win_mass[:, s:e]):
             layers.append(t.flatten().tolist())
-        for t in (st.init_k[:, :il], st.init_v[:, :il], st.init_mass[:, :il]):
+        for t in (st.init_k[:, :il], st.init_v[:, :il], st.init_mass[:, :il], st.q_sum):
             layers.append(t.flatten().tolist())
     blocks = [
         (layer.reprs.flatten().tolist(), [ctx.store.block(i, b).flatten().tolist() for b in range(len(layer))])
