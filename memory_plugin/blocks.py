@@ -8,6 +8,7 @@ tokens ``[n_init + b * block_size, n_init + (b + 1) * block_size)`` of the histo
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import hashlib
@@ -75,6 +76,8 @@ class ShardInfo:
         return vars(self).copy()
 
 
+SHARD_BLOCKS = 8
+"""Most blocks (of every layer) per shard file: 47 MB in float32 on the embedded model."""
 MAX_OPEN_SHARDS = 64
 """Shard files kept open for reading (LRU): a shard is written about every chunk once a RAM budget
 is reached, ~500 at 256k tokens, more than the common 1024-descriptor limit allows at 1M."""
@@ -112,9 +115,10 @@ class ShardSet:
         return info
 
     def _locate(self, b: int) -> ShardInfo:
-        for s in reversed(self.shards):
-            if s.first <= b < s.first + s.n:
-                return s
+        # Shards hold consecutive, ascending block ranges: bisect (there are hundreds at 256k tokens).
+        i = bisect.bisect_right(self.shards, b, key=lambda s: s.first) - 1
+        if i >= 0 and b < self.shards[i].first + self.shards[i].n:
+            return self.shards[i]
         raise KeyError(f"block {b} is not on disk")
 
     def _header(self, file: str) -> tuple[dict, int, int]:
@@ -383,20 +387,28 @@ class BlockStore:
             self._enforce_budget()
         return len(blocks) - 1
 
-    def flush(self) -> ShardInfo | None:
-        """Write blocks not yet on disk to a new shard (they stay in RAM, now evictable)."""
+    def flush(self) -> list[ShardInfo]:
+        """Write blocks not yet on disk to new shards (they stay in RAM, now evictable). At most
+        ``SHARD_BLOCKS`` blocks per shard: serialising copies a shard, and that copy must stay small
+        against a RAM budget however many blocks are waiting."""
         n = len(self)
-        if self.disk is None or n <= self.persisted:
-            return None
-        first = self.persisted
-        encs = [[self.stored(i, b) for b in range(first, n)] for i in range(len(self.layers))]
-        info = self.disk.write(first, encs, [layer.reprs[first:n].cpu() for layer in self.layers])
-        for i in range(len(self.layers)):
-            for b in range(first, n):
-                if self.layers[i].kv[b] is not None:
-                    self._clean[(i, b)] = _nbytes(self.layers[i].kv[b])
-        self.persisted = n
-        return info
+        written = []
+        while self.disk is not None and self.persisted < n:
+            first, last = self.persisted, min(n, self.persisted + SHARD_BLOCKS)
+            encs = [[self.stored(i, b) for b in range(first, last)] for i in range(len(self.layers))]
+            written.append(self.disk.write(first, encs, [layer.reprs[first:last].cpu() for layer in self.layers]))
+            del encs
+            for i in range(len(self.layers)):
+                for b in range(first, last):
+                    if self.layers[i].kv[b] is not None:
+                        self._clean[(i, b)] = _nbytes(self.layers[i].kv[b])
+            self.persisted = last
+        return written
+
+    def flush_nbytes(self) -> int:
+        """RAM a flush may use beyond the blocks themselves: one shard stacked and serialised."""
+        per_block = 2 * self.n_kv_heads * self.block_size * self.head_dim * self.codec.dtype.itemsize
+        return 2 * SHARD_BLOCKS * len(self.layers) * per_block
 
     def _enforce_budget(self) -> None:
         if self.resident_budget is None or self.disk is None:
@@ -561,10 +573,14 @@ class BlockStore:
         self.disk, self.persisted = None, 0
         self._clean.clear()
 
+    def repr_nbytes(self) -> int:
+        """Bytes of representative keys (always in RAM)."""
+        return sum(layer.reprs.numel() * layer.reprs.element_size() for layer in self.layers)
+
     def nbytes(self) -> dict[str, int]:
         """Bytes held: ``host`` (block KV in RAM), ``disk`` (block KV on disk), ``device`` (accelerator
         cache), ``repr`` (representative keys)."""
-        reprs = sum(layer.reprs.numel() * layer.reprs.element_size() for layer in self.layers)
+        reprs = self.repr_nbytes()
         cache = sum(c.data.numel() * c.data.element_size() for c in self.caches) if self.caches else 0
         memo = sum(x[1].numel() * x[1].element_size() for x in self._last if x is not None)
         disk = sum(s.nbytes for s in self.disk.shards) if self.disk is not None else 0

@@ -163,11 +163,11 @@ class Context:
             resident_budget=self._block_budget if config.max_resident_bytes is not None else None,
         )
         self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in range(geometry.n_layers)]
+        self._budget_fixed: int | None = None
         if config.max_resident_bytes is not None and self._block_budget() <= 0:
-            fixed = self._fixed_bytes() + self._window_bytes()
             raise ValueError(
                 f"max_resident_bytes={config.max_resident_bytes} is below what the local window and init "
-                f"tokens alone need ({fixed} bytes); raise it or lower n_local"
+                f"tokens with their working buffers need ({self._budget_fixed} bytes); raise it or lower n_local"
             )
         self.ordered = config.block_positions == "ordered"
         self.far_pos = config.n_local + config.block_size - 1
@@ -347,13 +347,15 @@ class Context:
 
     def _block_budget(self) -> int:
         """RAM left for block KV under ``max_resident_bytes``: the rest holds window, init and reprs,
-        the second set of window buffers a transaction may hold while the window is compacted, and
-        one selection per layer of gathered blocks (what attention reads)."""
-        store = self.store.nbytes()
-        bs = self.cfg.block_size
-        selection = self.g.n_layers * self.cfg.topk * 2 * self.g.n_kv_heads * bs * self.g.head_dim * 4
-        fixed = self._fixed_bytes() + self._window_bytes()
-        return self.cfg.max_resident_bytes - fixed - store["repr"] - selection
+        the second set of window buffers a transaction may hold while the window is compacted (or
+        a snapshot serialises it), one selection per layer of gathered blocks (what attention
+        reads) and one shard being written. Called on every block
+        read from disk, so the constant part is computed once."""
+        if self._budget_fixed is None:
+            bs = self.cfg.block_size
+            selection = self.g.n_layers * self.cfg.topk * 2 * self.g.n_kv_heads * bs * self.g.head_dim * 4
+            self._budget_fixed = self._fixed_bytes() + self._window_bytes() + selection + self.store.flush_nbytes()
+        return self.cfg.max_resident_bytes - self._budget_fixed - self.store.repr_nbytes()
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by tier: ``device`` (accelerator: window, init, reprs, block cache), ``host``
