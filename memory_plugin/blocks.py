@@ -9,6 +9,7 @@ tokens ``[n_init + b * block_size, n_init + (b + 1) * block_size)`` of the histo
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -16,11 +17,11 @@ import json
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 
 from .attention import block_relevance
 
@@ -104,13 +105,12 @@ class ShardSet:
         tensors = {}
         for layer, (encs, rep) in enumerate(zip(blocks, reprs)):
             for name in encs[0]:
-                tensors[f"{name}.{layer}"] = torch.stack([e[name] for e in encs]).contiguous()
-            tensors[f"repr.{layer}"] = rep.contiguous()
-        data = st_save(tensors, metadata={"first": str(first), "n": str(len(blocks[0]))})
+                tensors[f"{name}.{layer}"] = [e[name] for e in encs]  # stacked as written, never copied
+            tensors[f"repr.{layer}"] = rep
         # Unique names: a file is never rewritten, so a manifest never points at a changed file.
         name = f"{self.prefix}-{first:08d}-{len(blocks[0]):06d}-{os.urandom(3).hex()}.safetensors"
-        atomic_write(self.dir / name, data)
-        info = ShardInfo(name, first, len(blocks[0]), hashlib.sha256(data).hexdigest(), len(data))
+        sha, size = write_safetensors(self.dir / name, tensors, {"first": str(first), "n": str(len(blocks[0]))})
+        info = ShardInfo(name, first, len(blocks[0]), sha, size)
         self.shards.append(info)
         return info
 
@@ -187,12 +187,14 @@ class ShardSet:
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8}
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator:
+    """A file object whose content replaces ``path`` only once fully written and synced: a crash
+    leaves either the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -201,6 +203,47 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
+_ST_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor | list[torch.Tensor]], metadata: dict[str, str]) -> tuple[str, int]:
+    """Write a safetensors file atomically, streaming one tensor at a time; a list of equal tensors
+    is written as one tensor stacked along a new first dimension. Returns ``(sha256, size)``.
+
+    safetensors' own writer first copies every tensor into one ``bytes`` object: for a shard or a
+    window snapshot that doubled or tripled their RAM, which a RAM budget cannot allow.
+    """
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        parts = t if isinstance(t, list) else [t]
+        n = sum(p.numel() * p.element_size() for p in parts)
+        shape = ([len(parts)] if isinstance(t, list) else []) + list(parts[0].shape)
+        header[name] = {"dtype": _ST_NAMES[parts[0].dtype], "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    digest = hashlib.sha256()
+    with _atomic_file(path) as f:
+        for chunk in _safetensors_chunks(head, tensors):
+            f.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest(), 8 + len(head) + offset
+
+
+def _safetensors_chunks(head: bytes, tensors: dict) -> Iterator:
+    yield struct.pack("<Q", len(head)) + head
+    for t in tensors.values():
+        for p in t if isinstance(t, list) else [t]:
+            if p.numel():
+                yield p.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1).data
 
 
 # ----------------------------------------------------------------------------------------- allocator

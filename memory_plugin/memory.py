@@ -189,19 +189,25 @@ class ContextMemory:
             ids += new
         cp = self._ctx.checkpoint() if self._durable is not None else None
         self._encode(ids, logits="none")
-        try:
-            self._commit(entries)
-        except BaseException:
-            if cp is not None:  # the log refused it: the memory must not hold it either
-                self._ctx.rollback(cp)
-            raise
+        self._record(entries, cp)
+        del cp  # a snapshot must not find the checkpoint's window buffers still held (RAM budget)
+        self._settle()
         return len(ids)
 
-    def _commit(self, entries: list[Entry]) -> None:
-        """Entries whose tokens are encoded become history (durably, for an open memory)."""
+    def _record(self, entries: list[Entry], cp: dict | None) -> None:
+        """Entries whose tokens are encoded become history (durably, for an open memory). If the
+        log refuses them, the memory is rolled back to ``cp`` and must not hold them either."""
         if self._durable is not None:
-            self._durable.record([(e.role, e.content, self._ctx.tokens[e.start : e.end]) for e in entries])
+            try:
+                self._durable.record([(e.role, e.content, self._ctx.tokens[e.start : e.end]) for e in entries])
+            except BaseException:
+                if cp is not None:
+                    self._ctx.rollback(cp)
+                raise
         self._entries += entries
+
+    def _settle(self) -> None:
+        """After new history: snapshot an open memory when due, wake the cold-tier worker."""
         if self._durable is not None:
             self._durable.maybe_snapshot(self)
         self._cold.notify()
@@ -374,11 +380,9 @@ class ContextMemory:
             self._encode(self._chat.encode(self._chat.assistant_suffix), logits="none")
             mid = start + turn.prompt_tokens
             user = [Entry("user", turn.prompt, start, mid)] if turn.prompt is not None else []
-            try:
-                self._commit(user + [Entry("assistant", turn.answer, mid, len(self))])
-            except BaseException:
-                self._ctx.rollback(turn.checkpoint)
-                raise
+            self._record(user + [Entry("assistant", turn.answer, mid, len(self))], turn.checkpoint)
+            turn.checkpoint = None
+            self._settle()
             return
         self._ctx.rollback(turn.checkpoint)
         if remember and turn.chat:

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from .blocks import ShardInfo, atomic_write
+from .blocks import ShardInfo, atomic_write, write_safetensors
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -216,8 +215,12 @@ def verify_file(directory: Path, name: str, sha256: str, size: int | None = None
     return data
 
 
-def encode_state(tensors: dict[str, torch.Tensor], layout: dict) -> bytes:
-    return st_save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"layout": json.dumps(layout)})
+def write_state(directory: Path, ctx) -> tuple[str, dict]:
+    """Window, init and attention mass of every layer -> a new state file; its manifest entry."""
+    tensors, layout = ctx.state_tensors()
+    name = _unique("state")
+    sha, size = write_safetensors(directory / name, tensors, {"layout": json.dumps(layout)})
+    return name, {"file": name, "sha256": sha, "nbytes": size}
 
 
 def decode_state(data: bytes, where: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -281,17 +284,14 @@ def write_snapshot(directory: Path, mem, fingerprint: str, model_name: str) -> M
     """Blocks not yet on disk -> a new shard; window state -> a new state file; then the manifest."""
     ctx = mem._ctx
     ctx.store.flush()
-    tensors, layout = ctx.state_tensors()
-    data = encode_state(tensors, layout)
-    name = _unique("state")
-    atomic_write(Path(directory) / name, data)
+    name, state = write_state(Path(directory), ctx)
     manifest = Manifest(
         model_fingerprint=fingerprint,
         model_name=model_name,
         config=_config_dict(mem.config),
         n_tokens=len(mem),
         n_entries=len(mem._entries),
-        state={"file": name, "sha256": hashlib.sha256(data).hexdigest(), "nbytes": len(data)},
+        state=state,
         shards=[ShardInfo(**s.to_dict()) for s in ctx.store.disk.shards] if ctx.store.disk else [],
     )
     manifest.write(directory)
@@ -332,17 +332,14 @@ def write_copy(mem, directory: Path, fingerprint: str, model_name: str) -> None:
             ids = range(first, min(first + per_shard, len(store)))
             encs = [[store.stored(i, b) for b in ids] for i in range(len(store.layers))]
             shards.write(first, encs, [layer.reprs[first : ids[-1] + 1].cpu() for layer in store.layers])
-        tensors, layout = ctx.state_tensors()
-        data = encode_state(tensors, layout)
-        name = _unique("state")
-        atomic_write(directory / name, data)
+        name, state = write_state(directory, ctx)
         manifest = Manifest(
             fingerprint,
             model_name,
             _config_dict(mem.config),
             n_tokens=len(mem),
             n_entries=len(mem._entries),
-            state={"file": name, "sha256": hashlib.sha256(data).hexdigest(), "nbytes": len(data)},
+            state=state,
             shards=shards.shards,
         )
         manifest.write(directory)

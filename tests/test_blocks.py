@@ -79,3 +79,27 @@ def test_nbytes_counts_host_blocks_and_reprs():
     assert nb["host"] == 3 * 2 * HKV * BS * D * 4
     assert nb["repr"] == 3 * H * D * 4
     assert nb["device"] == 0 and nb["disk"] == 0
+
+
+def test_streamed_safetensors_read_back_by_safetensors(tmp_path):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from memory_plugin.blocks import write_safetensors
+
+    parts = [torch.randn(2, 3, 4) for _ in range(3)]
+    tensors = {
+        "stacked": parts,
+        "bf16": torch.randn(5, 7).to(torch.bfloat16),
+        "int8": torch.randint(-127, 127, (4, 6), dtype=torch.int8),
+        "sliced": torch.randn(3, 10, 4)[:, 2:7],  # not contiguous
+        "empty": torch.zeros(3, 0, 4),
+    }
+    sha, size = write_safetensors(tmp_path / "x.safetensors", tensors, {"k": "v"})
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert size == len(data) and sha == hashlib.sha256(data).hexdigest()
+    back = load_file(tmp_path / "x.safetensors")
+    assert torch.equal(back["stacked"], torch.stack(parts))
+    for name in ("bf16", "int8", "sliced", "empty"):
+        assert back[name].dtype == tensors[name].dtype and torch.equal(back[name], tensors[name])
