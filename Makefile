@@ -37,7 +37,8 @@ bench: venv
 	$(PY) benchmarks/attention_paths.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/probes.py
-	$(PY) benchmarks/persistence.py --tokens 16384 --budget-mb 384
+	$(PY) benchmarks/persistence.py --tokens 32768 --budget-mb 700
+	$(PY) benchmarks/profile_memory.py --length 12000 --threads 1
 	$(PY) benchmarks/cramming.py bytes
 
 clean:

@@ -7,10 +7,11 @@ whether greedy answers to a few prompts equal the all-in-RAM ones, per-turn late
 per token, save and load time.
 
     python benchmarks/persistence.py --tokens 262144 --budget-mb 1024      # the issue's setting
-    python benchmarks/persistence.py --tokens 16384 --budget-mb 384        # quick: about a quarter of the blocks resident
+    python benchmarks/persistence.py --tokens 32768 --budget-mb 700        # quick: most blocks on disk
 
-The budget must exceed the fixed part (local window and init tokens of every layer: 234 MB with
-the default geometry on the embedded model); the rest holds an LRU of blocks.
+The budget must exceed the fixed part (local window and init tokens of every layer, a second window
+set for compaction, one gathered selection, one shard being written: about 600 MB with the default
+geometry on the embedded model); the rest holds representative keys and an LRU of blocks.
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path) -> dict:
+def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path, tune_allocator: bool = False) -> dict:
     from memory_plugin import ContextMemory, MemoryConfig, load_model
+    from memory_plugin.blocks import return_freed_memory_to_os
     from memory_plugin.tasks import FILLER, QUESTION, filler_repeats, needle, passkey
 
     model, tok = load_model()
+    if tune_allocator:  # what a RAM budget does to the allocator, here without a budget
+        return_freed_memory_to_os()
     rss_model = _rss_mb()
     cfg = MemoryConfig()
     if mode != "ram":
@@ -118,11 +122,12 @@ def main() -> None:
     p.add_argument("--depth", type=float, default=0.3, help="where the passkey sits in the history")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/persistence"))
+    p.add_argument("--tune-allocator", action="store_true", help="set the allocator as a RAM budget does, in every mode")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.mode:
-        res = run_mode(a.mode, a.tokens, a.budget_mb, a.depth, a.workdir)
+        res = run_mode(a.mode, a.tokens, a.budget_mb, a.depth, a.workdir, a.tune_allocator)
         (a.out / f"{a.mode}-{a.tokens}.json").write_text(json.dumps(res, indent=1))
         return
     a.out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +136,7 @@ def main() -> None:
         for m in a.modes:
             cmd = [sys.executable, __file__, "--mode", m, "--workdir", str(work), "--out", str(a.out)]
             cmd += ["--tokens", str(a.tokens), "--budget-mb", str(a.budget_mb), "--depth", str(a.depth)]
+            cmd += ["--tune-allocator"] if a.tune_allocator else []
             subprocess.run(cmd, check=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
