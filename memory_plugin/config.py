@@ -49,6 +49,11 @@ class MemoryConfig:
     """Where tokens outside the local window sit: "fixed" puts every one at distance ``n_local``
     (InfLLM); "ordered" keeps their order inside a block, at distances ``n_local .. n_local +
     block_size - 1``, so a small model can still read a number spread over several tokens."""
+    far_distance: int | None = None
+    """Relative position at which retrieved blocks (and window tokens already out of a query's local
+    window) are attended. None is InfLLM's ``n_local``. A shorter distance weakens RoPE's long-range
+    decay on retrieved text: on the embedded model at 16k, 512 answered both passkey questions at
+    depth 0.5 that 2048 missed (BENCHMARKS.md, section 1); not yet the default (one depth measured)."""
     max_cached_blocks: int = 64
     """Blocks per layer kept on the accelerator (LRU) when the model runs on one; unused on CPU."""
     kv_quantization: str = "none"
@@ -89,6 +94,10 @@ class MemoryConfig:
             raise ValueError(f"archive_mode must be 'rehydrate', 'gist' or 'drop', got {self.archive_mode!r}")
         if self.block_positions not in ("fixed", "ordered"):
             raise ValueError(f"block_positions must be 'fixed' or 'ordered', got {self.block_positions!r}")
+        if self.far_distance is not None:
+            _check_int("far_distance", self.far_distance, minimum=1)
+            if self.far_distance > self.n_local:
+                raise ValueError(f"far_distance ({self.far_distance}) must be <= n_local ({self.n_local})")
         if self.repr_topk > self.block_size:
             raise ValueError(f"repr_topk ({self.repr_topk}) must be <= block_size ({self.block_size})")
         if self.chunk_size > self.n_local:

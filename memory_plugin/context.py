@@ -170,7 +170,8 @@ class Context:
                 f"tokens with their working buffers need ({self._budget_fixed} bytes); raise it or lower n_local"
             )
         self.ordered = config.block_positions == "ordered"
-        self.far_pos = config.n_local + config.block_size - 1
+        self.far = config.n_local if config.far_distance is None else config.far_distance
+        self.far_pos = self.far + config.block_size - 1
         self.layout = Layout(base=config.n_init)
         self.tokens: list[int] = []
 
@@ -228,7 +229,10 @@ class Context:
         # block_positions="ordered", at n_local + (block_size - 1 - offset in its block).
         q_far = apply_rope(q, cos[cfg.n_local], sin[cfg.n_local])
         st.q_sum += q_far.float().sum(dim=1)
-        q_blk = q_far if not self.ordered else apply_rope(q, cos[self.far_pos], sin[self.far_pos])
+        # Selection and retrieve() score at n_local (as InfLLM); attention may use a shorter distance.
+        q_blk = q_far if self.far == cfg.n_local else apply_rope(q, cos[self.far], sin[self.far])
+        if self.ordered:
+            q_blk = apply_rope(q, cos[self.far_pos], sin[self.far_pos])
         hi = min(we, step.t0 + c - cfg.n_local - step.base)
         if hi > ws:  # window tokens already out of some query's local window, not yet a block
             pf = torch.arange(step.base + ws, step.base + hi, device=dev)

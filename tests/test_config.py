@@ -52,3 +52,11 @@ def test_topk_zero_is_streaming_llm_and_replace_revalidates():
     assert cfg.span == cfg.n_init + cfg.n_local
     with pytest.raises(ValueError):
         cfg.replace(n_local=0)
+
+
+def test_far_distance_is_validated():
+    assert MemoryConfig(far_distance=512).far_distance == 512
+    with pytest.raises(ValueError, match="far_distance must be >= 1"):
+        MemoryConfig(far_distance=0)
+    with pytest.raises(ValueError, match=r"far_distance \(4096\) must be <= n_local \(2048\)"):
+        MemoryConfig(far_distance=4096)

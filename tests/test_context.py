@@ -232,3 +232,18 @@ def _state(ctx):
         for i, layer in enumerate(ctx.store.layers)
     ]
     return (vars(ctx.layout).copy(), list(ctx.tokens), layers, blocks)
+
+
+def test_far_distance_moves_only_what_is_outside_the_local_window(gqa_model):
+    cfg = MemoryConfig(block_size=8, n_init=4, n_local=64, topk=2, repr_topk=2, chunk_size=32)
+    fits = _ids(cfg.n_init + cfg.n_local)
+    base = _encode(gqa_model, cfg, fits)[1]
+    near = _encode(gqa_model, cfg.replace(far_distance=16), fits)[1]
+    torch.testing.assert_close(near, base)  # nothing is outside the window yet: same as full attention
+    long = _ids(300, seed=3)
+    explicit = _encode(gqa_model, cfg.replace(far_distance=cfg.n_local), long)[1]
+    torch.testing.assert_close(explicit, _encode(gqa_model, cfg, long)[1])  # None means n_local (InfLLM)
+    moved = _encode(gqa_model, cfg.replace(far_distance=16), long)[1]
+    early = cfg.n_init + cfg.n_local
+    torch.testing.assert_close(moved[:early], explicit[:early])
+    assert not torch.allclose(moved[early:], explicit[early:])
