@@ -52,8 +52,8 @@ class MemoryConfig:
     far_distance: int | None = None
     """Relative position at which retrieved blocks (and window tokens already out of a query's local
     window) are attended. None is InfLLM's ``n_local``. A shorter distance weakens RoPE's long-range
-    decay on retrieved text: on the embedded model at 16k, 512 answered both passkey questions at
-    depth 0.5 that 2048 missed (BENCHMARKS.md, section 1); not yet the default (one depth measured)."""
+    decay on retrieved text, but on the embedded model at 16k it lost more than it won (512: 40% of
+    10 passkey questions against 70% at 2048; BENCHMARKS.md, section 2)."""
     max_cached_blocks: int = 64
     """Blocks per layer kept on the accelerator (LRU) when the model runs on one; unused on CPU."""
     kv_quantization: str = "none"
