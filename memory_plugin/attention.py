@@ -148,12 +148,26 @@ def representative_keys(k: torch.Tensor, mass: torch.Tensor, repr_topk: int) -> 
     return picked.mean(dim=1)
 
 
-def block_relevance(q_mean: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
+def block_relevance(q_mean: torch.Tensor, reprs: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """Relevance of each block to a chunk: mean query · representative key, summed over heads.
 
     ``q_mean [H, D]``, ``reprs [n_blocks, H, D]`` -> ``[n_blocks]``.
+
+    ``normalize=False`` is InfLLM's rule. With ``normalize=True`` each head's scores are first
+    standardised over the blocks (z-scores), so every head casts an equal vote: on SmolLM2-135M a
+    few heads whose scores vary 10x more than the others' (and not with content) otherwise
+    outvote the heads that recognise the needle's block (docs/BENCHMARKS.md, section 2).
+
+    Example:
+        >>> q, reprs = torch.ones(2, 4), torch.ones(3, 2, 4)
+        >>> block_relevance(q, reprs).tolist()
+        [8.0, 8.0, 8.0]
     """
-    return torch.einsum("hd,bhd->b", q_mean.float(), reprs.float())
+    per_head = torch.einsum("hd,bhd->bh", q_mean.float(), reprs.float())
+    if normalize:
+        std, mean = torch.std_mean(per_head, dim=0, correction=0)
+        per_head = (per_head - mean) / (std + 1e-6)
+    return per_head.sum(dim=-1)
 
 
 def maxsim_relevance(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -465,12 +465,13 @@ class BlockStore:
             self._resident -= nb
 
     # -------------------------------------------------------------------------------- reading
-    def select(self, layer: int, q_mean: torch.Tensor, topk: int) -> list[int]:
-        """Ids (ascending) of the ``topk`` blocks most relevant to ``q_mean [H, D]``; all when fewer."""
+    def select(self, layer: int, q_mean: torch.Tensor, topk: int, normalize: bool = False) -> list[int]:
+        """Ids (ascending) of the ``topk`` blocks most relevant to ``q_mean [H, D]``; all when fewer.
+        ``normalize``: per-head z-scores (see :func:`~memory_plugin.attention.block_relevance`)."""
         n = len(self.layers[layer])
         if n <= topk:
             return list(range(n))
-        scores = block_relevance(q_mean, self.layers[layer].reprs)
+        scores = block_relevance(q_mean, self.layers[layer].reprs, normalize)
         return sorted(scores.topk(topk).indices.tolist())
 
     def _encoded(self, layer: int, b: int) -> dict:

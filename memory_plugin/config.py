@@ -40,6 +40,11 @@ class MemoryConfig:
     """Representative keys per block: the tokens that received most attention while in the window."""
     chunk_size: int = 512
     """Tokens encoded per forward step; retrieval is done once per chunk (every token when decoding)."""
+    relevance: str = "zscore"
+    """How a chunk scores blocks: "dot" is InfLLM's mean query · representative keys summed over
+    heads; "zscore" standardises each head's scores over the blocks before summing, so heads whose
+    scores merely vary most do not outvote the rest. On the embedded model beyond its trained
+    context: <<SWEEP>> (docs/BENCHMARKS.md, section 2)."""
     mass_stride: int = 8
     """Queries at absolute positions divisible by this add to the attention mass that picks
     representative keys (1 = every query, as InfLLM). Sampling keeps chunks cheap on CPU, where the
@@ -92,6 +97,8 @@ class MemoryConfig:
         _check_int("archive_max_steps", self.archive_max_steps, minimum=1)
         if self.archive_mode not in ("rehydrate", "gist", "drop"):
             raise ValueError(f"archive_mode must be 'rehydrate', 'gist' or 'drop', got {self.archive_mode!r}")
+        if self.relevance not in ("dot", "zscore"):
+            raise ValueError(f"relevance must be 'dot' or 'zscore', got {self.relevance!r}")
         if self.block_positions not in ("fixed", "ordered"):
             raise ValueError(f"block_positions must be 'fixed' or 'ordered', got {self.block_positions!r}")
         if self.far_distance is not None:

@@ -246,7 +246,7 @@ class Context:
             q_mean = q_far.mean(dim=1)
             if step.capture is not None:
                 step.capture.append(q_far)
-            ids = self.store.select(i, q_mean, cfg.topk) if cfg.topk else []
+            ids = self.store.select(i, q_mean, cfg.topk, cfg.relevance == "zscore") if cfg.topk else []
             if ids:
                 bk, bv = self.store.fetch(i, ids)
                 parts.append(AttnPart(q_blk, bk, bv))

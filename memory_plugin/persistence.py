@@ -30,6 +30,9 @@ from safetensors.torch import load as st_load
 from .blocks import ShardInfo, atomic_write, write_safetensors
 
 FORMAT_VERSION = 1
+# Config fields added after format 1 was first written, with the value that reproduces how a memory
+# saved without them was built (a newer default must not silently change an old memory).
+_CONFIG_BEFORE_FIELD = {"relevance": "dot"}
 MANIFEST = "manifest.json"
 LOG = "log.sqlite"
 LOCK = "LOCK"
@@ -188,6 +191,9 @@ class Manifest:
                 f"{path}: format version {version!r} is newer than this memory_plugin reads "
                 f"({FORMAT_VERSION}); upgrade memory_plugin"
             )
+        if isinstance(data.get("config"), dict):
+            for name, value in _CONFIG_BEFORE_FIELD.items():
+                data["config"].setdefault(name, value)
         try:
             data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
             return cls(**data)

@@ -100,6 +100,24 @@ def test_block_relevance_is_dot_product_summed_over_heads():
     torch.testing.assert_close(block_relevance(q, reprs), expected)
 
 
+def test_normalized_relevance_gives_every_head_an_equal_vote():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(H, D, generator=g)
+    reprs = torch.randn(6, H, D, generator=g) * 0.01
+    reprs[4] += 0.2 * q  # every head mildly prefers block 4 ...
+    reprs[1, 0] += 50 * q[0]  # ... but head 0's scores swing 100x wider, towards block 1
+    assert int(block_relevance(q, reprs).argmax()) == 1  # InfLLM's sum: head 0 decides
+    z = block_relevance(q, reprs, normalize=True)
+    assert int(z.argmax()) == 4
+    # z-scores per head: the same ranking however each head's scores are scaled
+    scaled = q * torch.arange(1, H + 1, dtype=q.dtype)[:, None] ** 3
+    torch.testing.assert_close(block_relevance(scaled, reprs, normalize=True), z, atol=1e-4, rtol=1e-4)
+
+
+def test_normalized_relevance_of_one_block_is_finite():
+    assert block_relevance(torch.randn(H, D), torch.randn(1, H, D), normalize=True).tolist() == [0.0]
+
+
 def test_maxsim_relevance_matches_a_loop_and_ignores_padding():
     from memory_plugin.attention import maxsim_relevance
 

@@ -60,3 +60,9 @@ def test_far_distance_is_validated():
         MemoryConfig(far_distance=0)
     with pytest.raises(ValueError, match=r"far_distance \(4096\) must be <= n_local \(2048\)"):
         MemoryConfig(far_distance=4096)
+
+
+def test_relevance_is_validated():
+    assert MemoryConfig().relevance == "zscore" and MemoryConfig(relevance="dot").relevance == "dot"
+    with pytest.raises(ValueError, match="relevance must be 'dot' or 'zscore', got 'cosine'"):
+        MemoryConfig(relevance="cosine")

@@ -175,8 +175,11 @@ def test_chunked_and_one_shot_ingestion_give_the_same_memory(gqa_model, pieces):
             torch.testing.assert_close(a.kv[blk]["kv"], b.kv[blk]["kv"], atol=1e-5, rtol=1e-4)
 
 
-def test_topk_selects_blocks_by_mean_query_at_fixed_distance(gqa_model):
-    cfg = MemoryConfig(block_size=8, n_init=8, n_local=64, topk=3, repr_topk=2, chunk_size=32, max_cached_blocks=4)
+@pytest.mark.parametrize("relevance", ["dot", "zscore"])
+def test_topk_selects_blocks_by_mean_query_at_fixed_distance(gqa_model, relevance):
+    cfg = MemoryConfig(
+        block_size=8, n_init=8, n_local=64, topk=3, repr_topk=2, chunk_size=32, max_cached_blocks=4, relevance=relevance
+    )
     fwd = MemoryForward(gqa_model)
     ctx = fwd.new_context(cfg)
     ids = _ids(400, seed=6)
@@ -188,7 +191,7 @@ def test_topk_selects_blocks_by_mean_query_at_fixed_distance(gqa_model):
         fwd(query, ctx, logits="none", capture=capture)
     assert n_blocks > cfg.topk and len(capture) == len(ctx.layers)
     for layer, q in enumerate(capture):  # the chunk's queries [H, c, D], rotated at the far distance
-        scores = block_relevance(q.mean(dim=1), ctx.store.layers[layer].reprs[:n_blocks])
+        scores = block_relevance(q.mean(dim=1), ctx.store.layers[layer].reprs[:n_blocks], relevance == "zscore")
         chosen = ctx.store._last[layer][0]  # the blocks that layer attended for the query chunk
         assert list(chosen) == sorted(scores.topk(cfg.topk).indices.tolist())
 

@@ -30,13 +30,17 @@ def message(i: int, seed: int) -> tuple[str, str]:
     return ("user" if i % 2 == 0 else "assistant"), f"message {i}: " + TEXT[: rng.randint(10, len(TEXT))] * rng.randint(1, 4)
 
 
-@pytest.fixture
-def built(tiny_model, tiny_tokenizer):
-    mem = ContextMemory(tiny_model, tiny_tokenizer, testing.TINY_CONFIG)
+def _build(model, tokenizer, config):
+    mem = ContextMemory(model, tokenizer, config)
     mem.add_message("system", "Be brief.")
     mem.add_text(TEXT * 20)
     mem.add_message("user", "Note: the sky is blue.")
     return mem
+
+
+@pytest.fixture
+def built(tiny_model, tiny_tokenizer):
+    return _build(tiny_model, tiny_tokenizer, testing.TINY_CONFIG)
 
 
 def _ask(mem):
@@ -214,6 +218,18 @@ def test_a_different_geometry_is_refused_on_open(tmp_path, tiny_model, tiny_toke
     ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG).close()
     with pytest.raises(ValueError, match="config differs .* in block_size"):
         ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG.replace(block_size=8))
+
+
+def test_a_memory_saved_before_a_config_field_existed_keeps_its_old_behaviour(tmp_path, tiny_model, tiny_tokenizer):
+    # Memories saved before `relevance` existed were built with InfLLM's dot-product rule.
+    dot = _build(tiny_model, tiny_tokenizer, testing.TINY_CONFIG.replace(relevance="dot"))
+    dot.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    del manifest["config"]["relevance"]
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
+    loaded = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
+    assert loaded.config.relevance == "dot"
+    assert _ask(loaded) == _ask(dot)
 
 
 def test_resident_bytes_stay_under_the_budget_and_answers_do_not_change(tiny_model, tiny_tokenizer):
