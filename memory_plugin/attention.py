@@ -27,7 +27,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class AttnPart:
     """One set of keys in a joint softmax.
 
-    ``mask [c, N]`` (True = visible) may be None for "all visible". When ``want_mass`` is set,
+    Which keys each query sees: all of them by default; ``band=(lo, hi)`` lets query ``i`` see key
+    ``j`` only when ``lo <= j - i <= hi`` (None: unbounded), which covers every pattern InfLLM needs
+    (causal, sliding window, "older than the window") without building a mask where none is needed;
+    ``mask [c, N]`` (True = visible) allows any other pattern. When ``want_mass`` is set,
     the attention probability each key received is summed over the chunk's queries (per query head).
     """
 
@@ -36,6 +39,30 @@ class AttnPart:
     v: torch.Tensor
     mask: torch.Tensor | None = None
     want_mass: bool = False
+    band: tuple[int | None, int | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.band is not None:
+            if self.mask is not None:
+                raise ValueError("give a part a mask or a band, not both")
+            if _vacuous(self.band, self.q.shape[1], self.k.shape[1]):
+                self.band = None
+
+    def visible(self, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The boolean mask ``[c, N]`` (or of ``rows`` only); None when every key is visible."""
+        if self.band is None:
+            return self.mask if self.mask is None or rows is None else self.mask[rows]
+        i = torch.arange(self.q.shape[1], device=self.q.device) if rows is None else rows
+        rel = torch.arange(self.k.shape[1], device=self.q.device)[None, :] - i[:, None]
+        lo, hi = self.band
+        if lo is None:
+            return rel <= hi
+        return rel >= lo if hi is None else (rel >= lo) & (rel <= hi)
+
+
+def _vacuous(band, c: int, n: int) -> bool:
+    lo, hi = band
+    return (lo is None or lo <= -(c - 1)) and (hi is None or hi >= n - 1)
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -69,8 +96,9 @@ def _explicit_joint(parts, scaling, mass_rows):
     for p in live:
         q = (p.q * scaling).reshape(hkv, g * c, d)  # scaling q is cheaper than scaling the logits
         lg = torch.matmul(q, p.k.transpose(-1, -2)).float()
-        if p.mask is not None:
-            lg.view(hkv, g, c, -1).masked_fill_(~p.mask, float("-inf"))
+        mask = p.visible()
+        if mask is not None:
+            lg.view(hkv, g, c, -1).masked_fill_(~mask, float("-inf"))
         logits.append(lg)
     m = logits[0].amax(dim=-1, keepdim=True)
     for lg in logits[1:]:
@@ -95,17 +123,20 @@ def _explicit_joint(parts, scaling, mass_rows):
 
 def _flash_joint(parts, scaling, mass_rows):
     """CPU path for chunks: one fused flash-attention call per part, merged by log-sum-exp; the
-    attention mass is then computed for the ``mass_rows`` only (the full logits are never stored)."""
+    attention mass is then computed for the ``mass_rows`` only (the full logits are never stored).
+    (Splitting a banded part into mask-free causal pieces was measured: the CPU kernel's causal mode
+    skips no work at these sizes and the masked call costs ~10% more, so it was not worth it.)"""
     h, c, d = parts[0].q.shape
     live = [p for p in parts if p.k.shape[-2] > 0]
     outs, lses = [], []
     for p in live:
+        mask = p.visible()
         bias = None
-        if p.mask is not None:
-            bias = torch.zeros(p.mask.shape, dtype=p.q.dtype, device=p.q.device).masked_fill_(~p.mask, float("-inf"))
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=p.q.dtype, device=p.q.device).masked_fill_(~mask, float("-inf"))
         o, lse = _FLASH_CPU(p.q[None].contiguous(), p.k[None], p.v[None], attn_mask=bias, scale=scaling)
-        if p.mask is not None:  # rows that see no key of this part: the kernel reports lse 0, we need -inf
-            lse = lse.masked_fill(~p.mask.any(dim=-1), float("-inf"))
+        if mask is not None:  # rows that see no key of this part: the kernel reports lse 0, we need -inf
+            lse = lse.masked_fill(~mask.any(dim=-1), float("-inf"))
         outs.append(o[0])
         lses.append(lse[0].float())
     lse_all = torch.logsumexp(torch.stack(lses), dim=0)  # [H, c]
@@ -116,13 +147,13 @@ def _flash_joint(parts, scaling, mass_rows):
 
     rows = slice(None) if mass_rows is None else mass_rows
     hkv = parts[0].k.shape[0]
-    g = h // hkv
 
     def mass(p):
         q = (p.q[:, rows] * scaling).reshape(hkv, -1, d)
         lg = torch.matmul(q, p.k.transpose(-1, -2)).float().view(h, -1, p.k.shape[-2])
-        if p.mask is not None:
-            lg.masked_fill_(~p.mask[rows], float("-inf"))
+        mask = p.visible(mass_rows)
+        if mask is not None:
+            lg.masked_fill_(~mask, float("-inf"))
         return lg.sub_(lse_all[:, rows].unsqueeze(-1)).exp_().sum(dim=1)
 
     return out, _masses(parts, live, live, mass)

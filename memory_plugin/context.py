@@ -206,24 +206,23 @@ class Context:
             st.win_krot[:, w0:we] = apply_rope(k[:, ni:], cos[w0:we], sin[w0:we])
             st.win_v[:, w0:we] = v[:, ni:]
             st.win_mass[:, w0:we] = 0
-        simple = c == 1  # a single newest query: no mask is ever needed
         parts: list[AttnPart] = []
-
+        # Visibility as bands on (key index - query index): query i is at position t0 + i.
         il = self.layout.init_len + ni
-        if il:
+        if il:  # init token j is visible from position j on
             pos = t.clamp(max=cfg.n_init + cfg.n_local - 1)
-            mask = None if simple or step.t0 >= il else torch.arange(il, device=dev)[None, :] <= t[:, None]
-            parts.append(AttnPart(apply_rope(q, cos[pos], sin[pos]), st.init_krot[:, :il], st.init_v[:, :il], mask, True))
+            q_init = apply_rope(q, cos[pos], sin[pos])
+            parts.append(AttnPart(q_init, st.init_krot[:, :il], st.init_v[:, :il], want_mass=True, band=(None, step.t0)))
 
         # Local window: the last n_local tokens before each query, exact relative positions.
         lo = max(ws, step.t0 - cfg.n_local + 1 - step.base)
-        p = None
+        local = None
         if we > lo:
-            p = torch.arange(step.base + lo, step.base + we, device=dev)[None, :]
-            mask = None if simple else (p <= t[:, None]) & (p > t[:, None] - cfg.n_local)
+            off = step.t0 - step.base - lo  # key j is at position t0 - off + j
             qpos = (t - step.base).clamp(min=0)
-            parts.append(AttnPart(apply_rope(q, cos[qpos], sin[qpos]), st.win_krot[:, lo:we], st.win_v[:, lo:we], mask, True))
-        local = len(parts) - 1 if p is not None else None
+            band = (off - cfg.n_local + 1, off)
+            local = len(parts)
+            parts.append(AttnPart(apply_rope(q, cos[qpos], sin[qpos]), st.win_krot[:, lo:we], st.win_v[:, lo:we], want_mass=True, band=band))
 
         # Everything outside the local window sits at the fixed distance n_local ("fixed"), or, with
         # block_positions="ordered", at n_local + (block_size - 1 - offset in its block).
@@ -235,13 +234,12 @@ class Context:
             q_blk = apply_rope(q, cos[self.far_pos], sin[self.far_pos])
         hi = min(we, step.t0 + c - cfg.n_local - step.base)
         if hi > ws:  # window tokens already out of some query's local window, not yet a block
-            pf = torch.arange(step.base + ws, step.base + hi, device=dev)
-            mask = None if simple else pf[None, :] <= t[:, None] - cfg.n_local
             kf = st.win_k[:, ws:hi]
             if self.ordered:
-                off = (pf - cfg.n_init) % cfg.block_size
+                off = (torch.arange(step.base + ws, step.base + hi, device=dev) - cfg.n_init) % cfg.block_size
                 kf = apply_rope(kf, cos[off], sin[off])
-            parts.append(AttnPart(q_blk, kf, st.win_v[:, ws:hi], mask))
+            # visible once a query is n_local past it
+            parts.append(AttnPart(q_blk, kf, st.win_v[:, ws:hi], band=(None, step.t0 - cfg.n_local - step.base - ws)))
         if step.capture is not None or (cfg.topk and len(self.store.layers[i])):
             q_mean = q_far.mean(dim=1)
             if step.capture is not None:

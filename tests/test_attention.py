@@ -54,6 +54,43 @@ def test_joint_attention_is_one_softmax_over_all_parts(c, rows):
         torch.testing.assert_close(m, sel.sum(dim=1), atol=1e-5, rtol=1e-4)
 
 
+BANDS = [
+    (None, None),  # all visible
+    (None, 0),  # causal
+    (-29, 0),  # sliding window of 30
+    (-30, 12),  # window shifted right: some keys every row sees, edges on both sides
+    (None, -5),  # "older than 5": the first rows see nothing of this part
+    (3, None),  # only keys at least 3 ahead
+    (-9, 0),  # sliding window narrower than the chunk: needs a mask
+    (-2, 1),
+]
+
+
+@pytest.mark.parametrize("band", BANDS, ids=str)
+@pytest.mark.parametrize("c", [1, 24])
+def test_banded_part_equals_its_mask(band, c):
+    gen = torch.Generator().manual_seed(11)
+    n = 40
+    q = torch.randn(H, c, D, generator=gen)
+    k, v = torch.randn(HKV, n, D, generator=gen), torch.randn(HKV, n, D, generator=gen)
+    rel = torch.arange(n)[None, :] - torch.arange(c)[:, None]
+    lo, hi = band
+    mask = (rel >= (lo if lo is not None else -n)) & (rel <= (hi if hi is not None else n))
+    sink = AttnPart(q, torch.randn(HKV, 2, D, generator=gen), torch.randn(HKV, 2, D, generator=gen))  # every row sees one key
+    banded = joint_attention([AttnPart(q, k, v, band=band, want_mass=True), sink], 0.3, torch.arange(0, c, 5))
+    masked = joint_attention([AttnPart(q, k, v, mask=mask, want_mass=True), sink], 0.3, torch.arange(0, c, 5))
+    ref_out, ref_probs = _reference([AttnPart(q, k, v, mask=mask), sink], 0.3)
+    torch.testing.assert_close(banded[0], ref_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(masked[0], ref_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(banded[1][0], ref_probs[0][:, ::5].sum(dim=1), atol=1e-5, rtol=1e-4)
+
+
+def test_a_part_takes_a_mask_or_a_band():
+    q, k = torch.randn(H, 3, D), torch.randn(HKV, 4, D)
+    with pytest.raises(ValueError, match="mask or a band"):
+        AttnPart(q, k, k, mask=torch.ones(3, 4, dtype=torch.bool), band=(None, 0))
+
+
 def test_explicit_path_matches_flash_path(monkeypatch):
     gen = torch.Generator().manual_seed(7)
     parts = _parts(32, gen)

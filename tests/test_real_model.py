@@ -75,14 +75,7 @@ def test_the_needle_is_retrieved_at_every_depth_beyond_the_trained_context(passk
     assert any(key in h for h in hits), hits
 
 
-MID_DEPTH_FAILURE = pytest.mark.xfail(
-    strict=True,
-    reason="known failure of the default geometry on SmolLM2-135M (docs/BENCHMARKS.md, passkey): the needle's "
-    "block is selected in most layers, but the model repeats the question instead of copying the key",
-)
-
-
-@pytest.mark.parametrize("depth", [0.1, pytest.param(0.4, marks=MID_DEPTH_FAILURE), pytest.param(0.7, marks=MID_DEPTH_FAILURE)])
+@pytest.mark.parametrize("depth", DEPTHS)
 def test_passkey_beyond_the_trained_context_is_answered(passkey_runs, depth):
     key, answer, _ = passkey_runs[depth]
     assert key in answer, (depth, key, answer)
