@@ -313,21 +313,6 @@ class _LayerBlocks:
         del self.kv[n:]
 
 
-class _Selection:
-    """The blocks one layer attended last, in one buffer of ``len(ids)`` block-sized slots."""
-
-    def __init__(self):
-        self.ids: list[int | None] = []  # block held by each slot
-        self.kv: torch.Tensor | None = None  # [2, Hkv, slots * block_size, D]
-
-    def forget(self, gone) -> None:
-        """Mark slots whose block satisfies ``gone(b)`` empty (the block was dropped or rolled back)."""
-        self.ids = [None if b is not None and gone(b) else b for b in self.ids]
-
-    def clear(self) -> None:
-        self.ids, self.kv = [], None
-
-
 class _DeviceLRU:
     """Fixed-size cache of blocks on the accelerator for one layer (InfLLM's GPU cache)."""
 
@@ -355,12 +340,6 @@ class _DeviceLRU:
                 self.misses += 1
             out.append(self.slot_of[b])
         return out
-
-    def touch(self, b: int) -> None:
-        """Block ``b`` was used again without being copied (it stayed in the layer's selection)."""
-        if b in self.slot_of:
-            self.slot_of.move_to_end(b)
-            self.hits += 1
 
     def forget_from(self, n: int) -> None:
         """Drop cached blocks with id >= n (they were rolled back)."""
@@ -423,7 +402,8 @@ class BlockStore:
         self.persisted = 0  # blocks [0, persisted) are on disk
         self._clean: OrderedDict[tuple[int, int], int] = OrderedDict()  # resident on-disk blocks, LRU
         self._resident = 0  # bytes of encoded block KV held in RAM
-        self._selection = [_Selection() for _ in range(n_layers)]  # last gathered blocks per layer
+        # Last gathered selection per layer: consecutive decode steps mostly pick the same blocks.
+        self._last: list[tuple[tuple[int, ...], torch.Tensor] | None] = [None] * n_layers
         # Cold tier: blocks reduced to memory vectors. A selected cold block is rehydrated (KV
         # recomputed by ``rehydrate(b) -> [per-layer kv]``, kept in a small LRU), or attended
         # through its vectors' own KV (gist), or skipped (drop).
@@ -521,43 +501,20 @@ class BlockStore:
         return self.codec.decode(self._encoded(layer, b))
 
     def fetch(self, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of blocks ``ids`` gathered along tokens: two ``[Hkv, n, D]`` (``n`` is
-        ``len(ids) * block_size`` unless cold blocks are attended as gists or dropped). Blocks come
-        in no particular order (every retrieved key sits at the same distance, so attention over
-        them does not depend on it): each layer keeps its last selection in one buffer and copies
-        in only the blocks that are new to it, as consecutive decoding steps mostly re-select the
-        same blocks (gathering all of them every step took a quarter of a turn at 32k)."""
-        sel = self._selection[layer]
-        if any(self._block_kv_is_irregular(b) for b in ids):  # gists or dropped blocks: sizes vary
-            sel.clear()
+        """K and V of blocks ``ids`` concatenated along tokens: two ``[Hkv, n, D]`` (``n`` is
+        ``len(ids) * block_size`` unless cold blocks are attended as gists or dropped)."""
+        key = tuple(ids)
+        last = self._last[layer]
+        if last is not None and last[0] == key:
+            kv = last[1]
+        else:
             parts = [p for p in (self._block_kv(layer, b) for b in ids) if p is not None]
             if parts:
-                kv = torch.cat(parts, dim=2).to(self.compute_device)
+                kv = torch.cat(parts, dim=2).to(self.compute_device)  # [2, Hkv, n, D]
             else:  # every selected block was a dropped cold block
                 kv = torch.zeros(2, self.n_kv_heads, 0, self.head_dim, dtype=self.codec.dtype, device=self.compute_device)
-            return kv[0], kv[1]
-        bs = self.block_size
-        if sel.kv is None or len(sel.ids) != len(ids):
-            shape = (2, self.n_kv_heads, len(ids) * bs, self.head_dim)
-            sel.kv, sel.ids = torch.empty(shape, dtype=self.codec.dtype, device=self.compute_device), [None] * len(ids)
-        wanted, held = set(ids), set(sel.ids)
-        free = [s for s in range(len(sel.ids) - 1, -1, -1) if sel.ids[s] not in wanted]
-        for b in ids:
-            if b in held:
-                if self.caches is not None:
-                    self.caches[layer].touch(b)
-            else:
-                s = free.pop()
-                sel.kv[:, :, s * bs : (s + 1) * bs].copy_(self._block_kv(layer, b))
-                sel.ids[s] = b
-        return sel.kv[0], sel.kv[1]
-
-    def selected(self, layer: int) -> list[int]:
-        """Ids (ascending) of the blocks ``layer`` gathered last."""
-        return sorted(b for b in self._selection[layer].ids if b is not None)
-
-    def _block_kv_is_irregular(self, b: int) -> bool:
-        return b in self.cold and self.cold_mode != "rehydrate" and self.layers[0].kv[b] is None
+            self._last[layer] = (key, kv)
+        return kv[0], kv[1]
 
     def _block_kv(self, layer: int, b: int) -> torch.Tensor | None:
         """``[2, Hkv, n, D]`` for block ``b`` on the compute device, or None (a dropped cold block)."""
@@ -600,7 +557,8 @@ class BlockStore:
             layer.kv[b] = None
             if self.caches is not None and b in self.caches[i].slot_of:
                 self.caches[i].free.append(self.caches[i].slot_of.pop(b))
-            self._selection[i].forget(lambda x: x == b)
+            if self._last[i] is not None and b in self._last[i][0]:
+                self._last[i] = None
 
     def tiers(self) -> dict[str, int]:
         """Blocks per tier: ``ram`` (KV in RAM), ``disk`` (KV only on disk), ``cold`` (memory vectors)."""
@@ -621,7 +579,9 @@ class BlockStore:
             layer.truncate(n)
             if self.caches is not None:
                 self.caches[i].forget_from(n)
-            self._selection[i].forget(lambda x: x >= n)
+            last = self._last[i]
+            if last is not None and any(b >= n for b in last[0]):
+                self._last[i] = None
         for b in [b for b in self.cold if b >= n]:
             del self.cold[b]
             self._rehydrated.pop(b, None)
@@ -666,7 +626,7 @@ class BlockStore:
         cache), ``repr`` (representative keys)."""
         reprs = self.repr_nbytes()
         cache = sum(c.data.numel() * c.data.element_size() for c in self.caches) if self.caches else 0
-        memo = sum(x.kv.numel() * x.kv.element_size() for x in self._selection if x.kv is not None)
+        memo = sum(x[1].numel() * x[1].element_size() for x in self._last if x is not None)
         disk = sum(s.nbytes for s in self.disk.shards) if self.disk is not None else 0
         cold = sum(
             c.vectors.tensor.numel() * c.vectors.tensor.element_size()
