@@ -33,7 +33,11 @@ class MemoryConfig:
     n_init: int = 128
     """Initial tokens always attended (attention sinks, system prompt)."""
     n_local: int = 2048
-    """Minimum size of the local window attended at exact relative positions."""
+    """Minimum size of the local window attended at exact relative positions. On the embedded model
+    1024 and 2048 both answered 10 of 10 passkey questions at 16k and at 32k, and 1024 is faster
+    (1.14x ingest, 0.89x per turn at 64k), but with 1024 the LlamaIndex real-model test's question
+    is missed (its needle's block selected in 28 of 30 layers) where 2048 answers it
+    (BENCHMARKS.md, section 2)."""
     topk: int = 8
     """Blocks retrieved per layer for each chunk of queries; 0 turns retrieval off (StreamingLLM)."""
     repr_topk: int = 4
@@ -44,7 +48,7 @@ class MemoryConfig:
     """How a chunk scores blocks: "dot" is InfLLM's mean query · representative keys summed over
     heads; "zscore" standardises each head's scores over the blocks before summing, so heads whose
     scores merely vary most do not outvote the rest. On the embedded model beyond its trained
-    context: <<SWEEP>> (docs/BENCHMARKS.md, section 2)."""
+    context at 16k: 10 of 10 passkey questions against 7 of 10 with "dot" (BENCHMARKS.md, section 2)."""
     mass_stride: int = 8
     """Queries at absolute positions divisible by this add to the attention mass that picks
     representative keys (1 = every query, as InfLLM). Sampling keeps chunks cheap on CPU, where the
@@ -57,8 +61,9 @@ class MemoryConfig:
     far_distance: int | None = None
     """Relative position at which retrieved blocks (and window tokens already out of a query's local
     window) are attended. None is InfLLM's ``n_local``. A shorter distance weakens RoPE's long-range
-    decay on retrieved text, but on the embedded model at 16k it lost more than it won (512: 40% of
-    10 passkey questions against 70% at 2048; BENCHMARKS.md, section 2)."""
+    decay on retrieved text, but on the embedded model at 16k it lost more than it won (with
+    n_local 2048 and dot-product relevance, 512: 40% of 10 passkey questions against 70%;
+    BENCHMARKS.md, section 2)."""
     max_cached_blocks: int = 64
     """Blocks per layer kept on the accelerator (LRU) when the model runs on one; unused on CPU."""
     kv_quantization: str = "none"

@@ -13,7 +13,7 @@ from memory_plugin.tasks import FILLER, filler_repeats, needle
 pytestmark = pytest.mark.real_model
 
 KEY = "48213"
-N_DOCS, FACT_DOC = 20, 13  # the fact ~2.9k tokens before the question: beyond the 2048-token local window
+N_DOCS, FACT_DOC = 20, 13  # the fact ~2.9k tokens before the question: beyond the local window
 QUESTION = "What is the pass key? The pass key is"  # completion-style: what a 135M model answers
 
 
