@@ -29,11 +29,18 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests integrations/llama_index/tests integrations/langchain/tests
 
-# The figures of docs/BENCHMARKS.md (about two hours on 2 CPU cores; each command is in that file).
+# The figures of docs/BENCHMARKS.md (about three hours on 2 CPU cores; each command is in that file).
+bench: PK := benchmarks/results/passkey
 bench: venv
-	$(PY) benchmarks/passkey.py all --lengths 8192 32768 65536 --depths 5 --seeds 1 --full-max-length 8192 --out benchmarks/results/passkey
-	$(PY) benchmarks/passkey.py perf --methods contextmemory truncation full --out benchmarks/results/perf
+	$(PY) benchmarks/passkey.py one --method ceiling --length 1000 --depths 10 --seeds 2 --json $(PK)/ceiling-1000.json
+	for L in 8192 16384 32768 65536; do $(PY) benchmarks/passkey.py one --method truncation --length $$L --depths 10 --seeds 1 --json $(PK)/truncation-$$L.json; done
+	for L in 8192 16384 32768; do $(PY) benchmarks/passkey.py one --method contextmemory --length $$L --depths 10 --seeds 2 --json $(PK)/contextmemory-$$L.json; done
+	$(PY) benchmarks/passkey.py one --method contextmemory --length 65536 --depths 10 --seeds 1 --json $(PK)/contextmemory-65536.json
+	for L in 8192 32768; do $(PY) benchmarks/passkey.py one --method streaming --length $$L --depths 10 --seeds 1 --json $(PK)/streaming-$$L.json; done
+	for L in 8192 16384; do $(PY) benchmarks/passkey.py one --method full --length $$L --depths 10 --seeds 1 --json $(PK)/full-$$L.json; done
+	$(PY) benchmarks/passkey.py perf --methods contextmemory streaming truncation full --lengths 2048 8192 16384 32768 65536 --full-max-length 16384 --out benchmarks/results/perf
 	$(PY) benchmarks/passkey.py report --out benchmarks/results/passkey --perf benchmarks/results/perf
+	$(PY) benchmarks/passkey.py perf --methods contextmemory --set n_local=1024 --out benchmarks/results/perf-n_local=1024
 	$(PY) benchmarks/attention_paths.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/probes.py
