@@ -103,7 +103,8 @@ def sweep_report(out: Path) -> str:
         c = r["config"]
         name = (
             f"n_local={c['n_local']} topk={c['topk']} block_size={c['block_size']} repr_topk={c['repr_topk']} "
-            f"mass_stride={c['mass_stride']} positions={c.get('block_positions', 'fixed')}"
+            f"mass_stride={c['mass_stride']} positions={c.get('block_positions', 'fixed')} "
+            f"far_distance={c.get('far_distance')} relevance={c.get('relevance', 'dot')}"  # files older than a field lack it
         )
         span = c["n_init"] + c["n_local"] + c["topk"] * c["block_size"]
         rows.append(f"| {name} | {span} | {r['accuracy']:.0%} of {r['n_questions']} |")
