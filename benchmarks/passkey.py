@@ -81,14 +81,14 @@ def _timed(fn, *a, **kw):
     return out, time.perf_counter() - t
 
 
-def run_one(method: str, length: int, n_depths: int, n_seeds: int, overrides: list[str]) -> dict:
+def run_one(method: str, length: int, n_depths: int, n_seeds: int, overrides: list[str], dtype: str = "float32") -> dict:
     import torch
 
     from memory_plugin import load_model
     from memory_plugin.tasks import FILLER, QUESTION, filler_repeats, needle, passkey, passkey_history
 
     torch.manual_seed(0)
-    model, tok = load_model()
+    model, tok = load_model(dtype=getattr(torch, dtype))
     cfg = _config(overrides)
     rss_model = _rss_mb()
     mem = _build(method, model, tok, cfg)
@@ -122,19 +122,21 @@ def run_one(method: str, length: int, n_depths: int, n_seeds: int, overrides: li
     return _result(method, length, cfg, rows, rss_model)
 
 
-def perf_one(method: str, lengths: list[int], overrides: list[str], step: int = 2048) -> dict:
+def perf_one(method: str, lengths: list[int], overrides: list[str], step: int = 2048, dtype: str = "float32") -> dict:
     """Grow one history to each length in turn; at each, the marginal ingest throughput (the last
     ``step`` tokens) and the median per-turn latency. Timings only: run it on a quiet machine."""
+    import torch
+
     from memory_plugin import load_model
     from memory_plugin.tasks import FILLER
 
-    model, tok = load_model()
+    model, tok = load_model(dtype=getattr(torch, dtype))
     cfg = _config(overrides)
     rss_model = _rss_mb()
     mem = _build(method, model, tok, cfg)
     msg = _turn_message(tok)
     chunk = FILLER * 100  # ~2k tokens
-    out = {"method": method, "config": cfg.to_dict(), "rss_model_mb": rss_model, "points": []}
+    out = {"method": method, "dtype": dtype, "config": cfg.to_dict(), "rss_model_mb": rss_model, "points": []}
     total_t = 0.0
     for length in sorted(lengths):
         if len(mem) + step > length:
@@ -224,6 +226,8 @@ def main() -> None:
     perf.add_argument("--set", action="append", default=[])
     perf.add_argument("--out", type=Path, default=Path("benchmarks/results/perf"))
     perf.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    for sp in (one, perf):
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model and KV dtype")
     perf.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     rep = sub.add_parser("report", help="markdown table and plot from an 'all' run")
     rep.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey"))
@@ -232,7 +236,8 @@ def main() -> None:
     a = p.parse_args()
 
     if a.cmd == "one":
-        res = run_one(a.method, a.length, a.depths, a.seeds, a.set)
+        res = run_one(a.method, a.length, a.depths, a.seeds, a.set, a.dtype)
+        res["dtype"] = a.dtype
         text = json.dumps(res, indent=1)
         a.json.write_text(text) if a.json else print(text)
     elif a.cmd == "all":
@@ -244,12 +249,12 @@ def main() -> None:
                 _run_subprocess(m, length, a.depths, a.seeds, a.set, a.out / f"{m}-{length}.json")
     elif a.cmd == "perf" and a.method:  # one method, in its own process (own peak RSS)
         lengths = [n for n in a.lengths if a.method != "full" or n <= a.full_max_length]
-        a.json.write_text(json.dumps(perf_one(a.method, lengths, a.set), indent=1))
+        a.json.write_text(json.dumps(perf_one(a.method, lengths, a.set, dtype=a.dtype), indent=1))
     elif a.cmd == "perf":
         a.out.mkdir(parents=True, exist_ok=True)
         for m in a.methods:
             cmd = [sys.executable, __file__, "perf", "--method", m, "--json", str(a.out / f"{m}.json")]
-            cmd += ["--lengths", *map(str, a.lengths), "--full-max-length", str(a.full_max_length)]
+            cmd += ["--lengths", *map(str, a.lengths), "--full-max-length", str(a.full_max_length), "--dtype", a.dtype]
             for o in a.set:
                 cmd += ["--set", o]
             subprocess.run(cmd, check=True)
