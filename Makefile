@@ -41,6 +41,9 @@ bench: venv
 	$(PY) benchmarks/passkey.py perf --methods contextmemory streaming truncation full --lengths 2048 8192 16384 32768 65536 --full-max-length 16384 --out benchmarks/results/perf
 	$(PY) benchmarks/passkey.py report --out benchmarks/results/passkey --perf benchmarks/results/perf
 	$(PY) benchmarks/passkey.py perf --methods contextmemory --set n_local=1024 --out benchmarks/results/perf-n_local=1024
+	$(PY) benchmarks/passkey.py perf --methods contextmemory --dtype bfloat16 --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-bf16
+	$(PY) benchmarks/passkey.py perf --methods contextmemory --dtype float32 --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-bf16/float32
+	$(PY) benchmarks/passkey.py one --method contextmemory --dtype bfloat16 --length 16384 --depths 10 --seeds 1 --json benchmarks/results/passkey-bf16/contextmemory-16384.json
 	$(PY) benchmarks/attention_paths.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/probes.py

@@ -102,7 +102,7 @@ def run_one(method: str, length: int, n_depths: int, n_seeds: int, overrides: li
                 mem.add_text(passkey_history(tok, 1000, d, key))
                 ans = mem.generate(QUESTION, max_new_tokens=8, chat=False)
                 rows.append({"depth": d, "seed": s, "key": key, "answer": ans, "correct": key in ans})
-        return _result(method, 1000, cfg, rows, rss_model)
+        return _result(method, 1000, cfg, rows, rss_model, dtype)
 
     n_rep = filler_repeats(tok, length)
     done = 0
@@ -119,7 +119,7 @@ def run_one(method: str, length: int, n_depths: int, n_seeds: int, overrides: li
             ans = mem.generate(QUESTION, max_new_tokens=8, chat=False)
             rows.append({"depth": d, "seed": s, "key": key, "answer": ans, "correct": key in ans, "tokens": len(mem)})
             mem.rollback(cp)
-    return _result(method, length, cfg, rows, rss_model)
+    return _result(method, length, cfg, rows, rss_model, dtype)
 
 
 def perf_one(method: str, lengths: list[int], overrides: list[str], step: int = 2048, dtype: str = "float32") -> dict:
@@ -175,10 +175,11 @@ def _turn_latency(mem, msg: str, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def _result(method, length, cfg, rows, rss_model) -> dict:
+def _result(method, length, cfg, rows, rss_model, dtype) -> dict:
     return {
         "method": method,
         "length": length,
+        "dtype": dtype,
         "config": cfg.to_dict(),
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
         "n_questions": len(rows),
@@ -237,7 +238,6 @@ def main() -> None:
 
     if a.cmd == "one":
         res = run_one(a.method, a.length, a.depths, a.seeds, a.set, a.dtype)
-        res["dtype"] = a.dtype
         text = json.dumps(res, indent=1)
         a.json.write_text(text) if a.json else print(text)
     elif a.cmd == "all":
