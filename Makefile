@@ -33,17 +33,22 @@ test: venv
 bench: PK := benchmarks/results/passkey
 bench: venv
 	$(PY) benchmarks/passkey.py one --method ceiling --length 1000 --depths 10 --seeds 2 --json $(PK)/ceiling-1000.json
-	for L in 8192 16384 32768 65536; do $(PY) benchmarks/passkey.py one --method truncation --length $$L --depths 10 --seeds 1 --json $(PK)/truncation-$$L.json; done
-	for L in 8192 16384 32768; do $(PY) benchmarks/passkey.py one --method contextmemory --length $$L --depths 10 --seeds 2 --json $(PK)/contextmemory-$$L.json; done
-	$(PY) benchmarks/passkey.py one --method contextmemory --length 65536 --depths 10 --seeds 1 --json $(PK)/contextmemory-65536.json
-	for L in 8192 32768; do $(PY) benchmarks/passkey.py one --method streaming --length $$L --depths 10 --seeds 1 --json $(PK)/streaming-$$L.json; done
+	for L in 8192 16384 32768 65536; do $(PY) benchmarks/passkey.py one --method truncation --length $$L --depths 10 --seeds 1 --set topk=8 --json $(PK)/truncation-$$L.json; done
+	for L in 8192 16384 32768; do $(PY) benchmarks/passkey.py one --method contextmemory --length $$L --depths 10 --seeds 2 --set topk=8 --json $(PK)/contextmemory-$$L.json; done
+	$(PY) benchmarks/passkey.py one --method contextmemory --length 65536 --depths 10 --seeds 1 --set topk=8 --json $(PK)/contextmemory-65536.json
+	for L in 8192 32768; do $(PY) benchmarks/passkey.py one --method streaming --length $$L --depths 10 --seeds 1 --set topk=8 --json $(PK)/streaming-$$L.json; done
 	for L in 8192 16384; do $(PY) benchmarks/passkey.py one --method full --length $$L --depths 10 --seeds 1 --json $(PK)/full-$$L.json; done
-	$(PY) benchmarks/passkey.py perf --methods contextmemory streaming truncation full --lengths 2048 8192 16384 32768 65536 --full-max-length 16384 --out benchmarks/results/perf
+	$(PY) benchmarks/passkey.py perf --methods contextmemory streaming truncation full --set topk=8 --lengths 2048 8192 16384 32768 65536 --full-max-length 16384 --out benchmarks/results/perf
 	$(PY) benchmarks/passkey.py report --out benchmarks/results/passkey --perf benchmarks/results/perf
-	$(PY) benchmarks/passkey.py perf --methods contextmemory --set n_local=1024 --out benchmarks/results/perf-n_local=1024
-	$(PY) benchmarks/passkey.py perf --methods contextmemory --dtype bfloat16 --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-bf16
-	$(PY) benchmarks/passkey.py perf --methods contextmemory --dtype float32 --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-bf16/float32
-	$(PY) benchmarks/passkey.py one --method contextmemory --dtype bfloat16 --length 16384 --depths 10 --seeds 1 --json benchmarks/results/passkey-bf16/contextmemory-16384.json
+	$(PY) benchmarks/agent_tasks.py --grid "topk=8" "topk=16" "topk=16,n_local=1024" --out benchmarks/results/agent_tasks
+	$(PY) benchmarks/passkey.py sweep --length 16384 --depths 5 --seeds 2 --grid "n_local=2048,topk=16,relevance=zscore" --out benchmarks/results/sweep
+	$(PY) benchmarks/passkey.py sweep --length 32768 --depths 10 --seeds 1 --grid "n_local=2048,topk=16,relevance=zscore" --out benchmarks/results/sweep32k
+	$(PY) benchmarks/passkey.py perf --methods contextmemory streaming --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-topk16
+	$(PY) benchmarks/passkey.py perf --methods contextmemory --set topk=8 --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-topk16/topk8
+	$(PY) benchmarks/passkey.py perf --methods contextmemory --set n_local=1024 --set topk=8 --out benchmarks/results/perf-n_local=1024
+	$(PY) benchmarks/passkey.py perf --methods contextmemory --set topk=8 --dtype bfloat16 --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-bf16
+	$(PY) benchmarks/passkey.py perf --methods contextmemory --set topk=8 --dtype float32 --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-bf16/float32
+	$(PY) benchmarks/passkey.py one --method contextmemory --set topk=8 --dtype bfloat16 --length 16384 --depths 10 --seeds 1 --json benchmarks/results/passkey-bf16/contextmemory-16384.json
 	$(PY) benchmarks/attention_paths.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/probes.py
