@@ -91,6 +91,8 @@ def main() -> None:
             t = time.time()
             run = subprocess.run([sys.executable, __file__, "--child", task, spec], capture_output=True, text=True, env=env)
             out = run.stdout + run.stderr
+            if run.returncode and task != "llama_index":  # a failing test is a score; a crash is not
+                raise SystemExit(f"{task} with {spec!r} exited {run.returncode}:\n{out[-2000:]}")
             rows[task] = {**_score(task, out), "seconds": round(time.time() - t, 1), "output": run.stdout}
             print(f"{spec:>24} {task:>12}: {rows[task]['right']}/{rows[task]['asked']} ({rows[task]['seconds']:.0f}s)", flush=True)
         (a.out / f"{spec.replace(',', '_') or 'default'}.json").write_text(json.dumps({"config": spec, "tasks": rows}, indent=1))
