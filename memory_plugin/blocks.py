@@ -500,49 +500,21 @@ class BlockStore:
         """Block ``b`` of ``layer`` decoded: ``[2, Hkv, block_size, D]``."""
         return self.codec.decode(self._encoded(layer, b))
 
-    def fetch(self, layer: int, ids: list[int], *, any_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch(self, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of blocks ``ids`` concatenated along tokens: two ``[Hkv, n, D]`` (``n`` is
-        ``len(ids) * block_size`` unless cold blocks are attended as gists or dropped).
-
-        ``any_order=True`` lets the blocks come in any order (attention sums over keys, and every
-        block sits at the same distance): when the selection changes by a few blocks, only those
-        are copied into the slots of the blocks that left, instead of gathering all of them again.
-        The returned views are then overwritten by the next such call for this layer.
-        """
+        ``len(ids) * block_size`` unless cold blocks are attended as gists or dropped)."""
         key = tuple(ids)
         last = self._last[layer]
-        if last is not None and (last[0] == key or (any_order and sorted(last[0]) == sorted(key))):
-            return last[1][0], last[1][1]
-        if any_order and last is not None and self._swap_in(layer, key):
-            kv = self._last[layer][1]
-            return kv[0], kv[1]
-        parts = [p for p in (self._block_kv(layer, b) for b in ids) if p is not None]
-        if parts:
-            kv = torch.cat(parts, dim=2).to(self.compute_device)  # [2, Hkv, n, D]
-        else:  # every selected block was a dropped cold block
-            kv = torch.zeros(2, self.n_kv_heads, 0, self.head_dim, dtype=self.codec.dtype, device=self.compute_device)
-        self._last[layer] = (key, kv)
+        if last is not None and last[0] == key:
+            kv = last[1]
+        else:
+            parts = [p for p in (self._block_kv(layer, b) for b in ids) if p is not None]
+            if parts:
+                kv = torch.cat(parts, dim=2).to(self.compute_device)  # [2, Hkv, n, D]
+            else:  # every selected block was a dropped cold block
+                kv = torch.zeros(2, self.n_kv_heads, 0, self.head_dim, dtype=self.codec.dtype, device=self.compute_device)
+            self._last[layer] = (key, kv)
         return kv[0], kv[1]
-
-    def _swap_in(self, layer: int, ids: tuple[int, ...]) -> bool:
-        """Turn the memoised selection of ``layer`` into ``ids`` by copying only the blocks that
-        changed into the slots of those that left; False (nothing changed) where it cannot:
-        a different count, partial-size blocks (gists, drops) or a buffer autograd may hold."""
-        slots, buf = self._last[layer]
-        bs = self.block_size
-        if len(slots) != len(ids) or buf.shape[2] != len(ids) * bs or torch.is_grad_enabled():
-            return False
-        new, old = set(ids), set(slots)
-        leaving = [s for s, b in enumerate(slots) if b not in new]
-        parts = [(b, self._block_kv(layer, b)) for b in ids if b not in old]
-        if self._last[layer] is None or any(p is None or p.shape[2] != bs for _, p in parts):
-            return False  # (a rehydration may have dropped the memo)
-        slots = list(slots)
-        for s, (b, p) in zip(leaving, parts):
-            buf[:, :, s * bs : (s + 1) * bs] = p
-            slots[s] = b
-        self._last[layer] = (tuple(slots), buf)
-        return True
 
     def _block_kv(self, layer: int, b: int) -> torch.Tensor | None:
         """``[2, Hkv, n, D]`` for block ``b`` on the compute device, or None (a dropped cold block)."""

@@ -246,7 +246,7 @@ class Context:
                 step.capture.append(q_far)
             ids = self.store.select(i, q_mean, cfg.topk, cfg.relevance == "zscore") if cfg.topk else []
             if ids:
-                bk, bv = self.store.fetch(i, ids, any_order=True)
+                bk, bv = self.store.fetch(i, ids)
                 parts.append(AttnPart(q_blk, bk, bv))
 
         rows = torch.nonzero(t % cfg.mass_stride == 0).flatten() if cfg.mass_stride > 1 else None

@@ -42,27 +42,6 @@ def test_fetch_concatenates_block_kv_along_tokens():
     torch.testing.assert_close(v[:, BS:], blocks[3][1])
 
 
-def test_unordered_fetch_copies_only_changed_blocks_into_the_same_buffer():
-    with torch.inference_mode():  # the swap path never runs where autograd could hold the buffer
-        _unordered_fetch_case()
-
-
-def _unordered_fetch_case():
-    store = _store()
-    blocks = _fill(store, 6)
-    k, _ = store.fetch(0, [0, 1, 2], any_order=True)
-    buf = k.data_ptr()
-    k, v = store.fetch(0, [1, 2, 4], any_order=True)  # 0 leaves, 4 takes its slot
-    assert k.data_ptr() == buf and store._last[0][0] == (4, 1, 2)
-    for s, b in enumerate((4, 1, 2)):
-        torch.testing.assert_close(k[:, s * BS : (s + 1) * BS], blocks[b][0])
-        torch.testing.assert_close(v[:, s * BS : (s + 1) * BS], blocks[b][1])
-    k, _ = store.fetch(0, [1, 2, 4])  # ordered: gathered afresh, in the order asked
-    torch.testing.assert_close(k, torch.cat([blocks[b][0] for b in (1, 2, 4)], dim=1))
-    k, _ = store.fetch(0, [1, 2], any_order=True)  # a different count cannot reuse the slots
-    assert k.shape[1] == 2 * BS and store._last[0][0] == (1, 2)
-
-
 def test_reprs_grow_past_initial_capacity_and_truncate_forgets():
     store = _store()
     _fill(store, 40)
