@@ -54,6 +54,12 @@ bench: venv
 	$(PY) benchmarks/probes.py
 	$(PY) benchmarks/persistence.py --tokens 32768 --budget-mb 700
 	$(PY) benchmarks/profile_memory.py --length 12000 --threads 1
+	$(PY) benchmarks/passkey.py perf --methods contextmemory streaming --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-stop15
+	$(PY) benchmarks/decode_cost.py --lengths 2048 16384 65536 --out benchmarks/results/decode_cost.json
+	mkdir -p benchmarks/results/profile
+	$(PY) benchmarks/profile_memory.py --length 2048 --top 12 > benchmarks/results/profile/turn-2048.txt
+	$(PY) benchmarks/profile_memory.py --length 65536 --top 12 > benchmarks/results/profile/turn-65536.txt
+	$(PY) benchmarks/profile_memory.py --gather
 	$(PY) benchmarks/cramming.py bytes
 
 clean:

@@ -4,6 +4,7 @@
     python benchmarks/profile_memory.py --length 12000 --threads 1
     python benchmarks/profile_memory.py --length 12000 --budget-mb 700     # blocks on disk (ContextMemory.open)
     python benchmarks/profile_memory.py --kernel --threads 1                # CPU flash kernel: masked or not, fp32 or bf16
+    python benchmarks/profile_memory.py --gather                            # gathering 16 selected blocks vs copying 2
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ def main() -> None:
     p.add_argument("--budget-mb", type=int, help="open a durable memory with this RAM budget")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--kernel", action="store_true", help="only time the CPU flash kernel on one chunk's shapes")
+    p.add_argument("--gather", action="store_true", help="only time gathering selected blocks (one layer, embedded model)")
     a = p.parse_args()
 
     import torch
 
     if a.kernel:
         return kernel(a.threads)
+    if a.gather:
+        return gather(a.threads)
 
     from memory_plugin import ContextMemory, MemoryConfig, load_model
     from memory_plugin.tasks import FILLER, filler_repeats
@@ -89,6 +93,31 @@ def kernel(threads: int) -> None:
             for _ in range(5):
                 flash(q, k, v, attn_mask=mask, scale=0.125)
             print(f"{str(dt):15s} mask={mask is not None!s:5s} {(time.perf_counter() - t) / 5 * 1000:.1f} ms")
+
+
+def gather(threads: int, n_blocks: int = 6000, topk: int = 16, reps: int = 400) -> None:
+    """What ``BlockStore.fetch`` does when a layer's selection changes: concatenate ``topk`` blocks
+    drawn at random from a pool far larger than the CPU caches (6000 float32 blocks of 128 tokens,
+    3 KV heads: 1.2 GB), against copying only two of them into a kept buffer."""
+    import random
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    pool = [torch.randn(2, 3, 128, 64) for _ in range(n_blocks)]
+    buf = torch.empty(2, 3, topk * 128, 64)
+
+    def copy_two(parts):
+        for s, p in enumerate(parts[:2]):
+            buf[:, :, s * 128 : (s + 1) * 128] = p
+
+    for label, fn in (("torch.cat of 16 blocks", lambda ps: torch.cat(ps, dim=2)), ("copy 2 blocks into a buffer", copy_two)):
+        rnd = random.Random(1)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn([pool[i] for i in rnd.sample(range(n_blocks), topk)])
+        print(f"{label:28s} {(time.perf_counter() - t) / reps * 1e6:.0f} us")
 
 
 if __name__ == "__main__":
