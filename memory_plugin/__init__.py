@@ -8,11 +8,12 @@ Example:
 """
 
 from .config import MemoryConfig
-from .memory import Checkpoint, ContextMemory, Entry, MemoryHit, MemoryStats
+from .memory import Answer, Checkpoint, ContextMemory, Entry, MemoryHit, MemoryStats, TurnStream
 from .model import ModelNotFoundError, UnsupportedModelError, load_model
 from .sessions import Conversation, ConversationPool
 
 __all__ = [
+    "Answer",
     "Checkpoint",
     "ContextMemory",
     "Conversation",
@@ -21,6 +22,7 @@ __all__ = [
     "MemoryConfig",
     "MemoryHit",
     "MemoryStats",
+    "TurnStream",
     "ModelNotFoundError",
     "UnsupportedModelError",
     "load_model",

@@ -70,23 +70,27 @@ _FLASH_MIN_QUERIES = 16  # below this the explicit path is as fast and avoids pe
 
 
 def joint_attention(
-    parts: list[AttnPart], scaling: float, mass_rows: torch.Tensor | None = None
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    parts: list[AttnPart], scaling: float, mass_rows: torch.Tensor | None = None, *, trace: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor | None]] | tuple[torch.Tensor, list, list[torch.Tensor]]:
     """Softmax attention over the union of ``parts``, as one softmax over their concatenated logits.
 
     Each part may rotate the queries its own way (InfLLM: exact positions in the window, a fixed
     distance for memory blocks). Returns ``(out [H, c, D], masses)``: for each part with
     ``want_mass``, the normalised attention probability its keys received, summed over the query rows
     ``mass_rows`` (all rows when None) -> ``[H, N]``; None for the other parts. Every query must see
-    at least one key. GQA is native: keys are never repeated.
+    at least one key. GQA is native: keys are never repeated. ``trace=True`` adds a third list: for
+    every part, the probability its keys received summed over all heads and queries, ``[N]``
+    (what the answer attended, for ``explain``).
     """
     h, c, d = parts[0].q.shape
     if _FLASH_CPU is not None and c >= _FLASH_MIN_QUERIES and parts[0].q.device.type == "cpu":
-        return _flash_joint(parts, scaling, mass_rows)
-    return _explicit_joint(parts, scaling, mass_rows)
+        out, masses, probs = _flash_joint(parts, scaling, mass_rows, trace)
+    else:
+        out, masses, probs = _explicit_joint(parts, scaling, mass_rows, trace)
+    return (out, masses, probs) if trace else (out, masses)
 
 
-def _explicit_joint(parts, scaling, mass_rows):
+def _explicit_joint(parts, scaling, mass_rows, trace=False):
     """Logits materialised: the decode path (c small) and the path off CPU."""
     h, c, d = parts[0].q.shape
     hkv = parts[0].k.shape[0]
@@ -118,10 +122,11 @@ def _explicit_joint(parts, scaling, mass_rows):
         probs = lg.view(h, c, -1) * inv
         return (probs if mass_rows is None else probs[:, mass_rows]).sum(dim=1)
 
-    return out, _masses(parts, live, logits, mass)
+    traced = _traces(parts, live, lambda p, lg: (lg.view(h, c, -1) * inv).sum(dim=(0, 1)), logits) if trace else None
+    return out, _masses(parts, live, logits, mass), traced
 
 
-def _flash_joint(parts, scaling, mass_rows):
+def _flash_joint(parts, scaling, mass_rows, trace=False):
     """CPU path for chunks: one fused flash-attention call per part, merged by log-sum-exp; the
     attention mass is then computed for the ``mass_rows`` only (the full logits are never stored).
     (Splitting a banded part into mask-free causal pieces was measured: the CPU kernel's causal mode
@@ -145,10 +150,10 @@ def _flash_joint(parts, scaling, mass_rows):
         w = (lse - lse_all).exp_().unsqueeze(-1).to(o.dtype)
         out = o * w if out is None else out.add_(o * w)
 
-    rows = slice(None) if mass_rows is None else mass_rows
     hkv = parts[0].k.shape[0]
 
-    def mass(p):
+    def mass(p, mass_rows=mass_rows):
+        rows = slice(None) if mass_rows is None else mass_rows
         q = (p.q[:, rows] * scaling).reshape(hkv, -1, d)
         lg = torch.matmul(q, p.k.transpose(-1, -2)).float().view(h, -1, p.k.shape[-2])
         mask = p.visible(mass_rows)
@@ -156,7 +161,13 @@ def _flash_joint(parts, scaling, mass_rows):
             lg.masked_fill_(~mask, float("-inf"))
         return lg.sub_(lse_all[:, rows].unsqueeze(-1)).exp_().sum(dim=1)
 
-    return out, _masses(parts, live, live, mass)
+    traced = _traces(parts, live, lambda p, _: mass(p, None).sum(dim=0), live) if trace else None
+    return out, _masses(parts, live, live, mass), traced
+
+
+def _traces(parts, live, fn, per_live) -> list[torch.Tensor]:
+    got = {id(p): fn(p, x) for p, x in zip(live, per_live)}
+    return [got.get(id(p), p.k.new_zeros(p.k.shape[-2], dtype=torch.float32)) for p in parts]
 
 
 def _masses(parts, live, per_live, mass_fn):

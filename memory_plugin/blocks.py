@@ -496,6 +496,10 @@ class BlockStore:
             return self.codec.encode(torch.zeros(shape, dtype=self.codec.dtype))
         return self._encoded(layer, b)
 
+    def is_cold(self, b: int) -> bool:
+        """Block ``b`` is in the cold tier with no KV at hand (only vectors and representative keys)."""
+        return b in self.cold and self.layers[0].kv[b] is None
+
     def block(self, layer: int, b: int) -> torch.Tensor:
         """Block ``b`` of ``layer`` decoded: ``[2, Hkv, block_size, D]``."""
         return self.codec.decode(self._encoded(layer, b))

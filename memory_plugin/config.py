@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,14 @@ class MemoryConfig:
     allocator give freed block buffers back to the OS (a process-wide ``mallopt``), without which
     the process kept ~420 MB more than the memory held at 8k tokens."""
 
+    recall_k: int = 3
+    """Passages :meth:`~memory_plugin.ContextMemory.retrieve` finds for a new input that are placed
+    verbatim just before it, inside the turn (never stored); 0 turns placement off. A small model
+    answers well from what sits right before the question, and poorly from far back: on facts in
+    documentation prose asked as chat questions (BENCHMARKS.md, section 9) ..."""
+    recall_max_tokens: int = 384
+    """Most tokens of placed passages in one turn (each passage is at most ``block_size`` tokens)."""
+
     archive_after_tokens: int | None = None
     """Blocks whose tokens are all older than this many tokens are crammed into memory vectors in a
     background thread and, when exact, lose their KV (the cold tier). None: never."""
@@ -89,6 +98,9 @@ class MemoryConfig:
     (attend to its vectors' KV) or "drop" (skip it)."""
     archive_max_steps: int = 500
     """Optimisation steps per archived block before it is declared not crammable (it keeps its KV)."""
+
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("max_resident_bytes", "recall_k", "recall_max_tokens")
+    """Fields that choose how a memory is used, not what it holds: a saved memory may be opened with others."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "n_local", "repr_topk", "chunk_size", "mass_stride", "max_cached_blocks"):
@@ -101,6 +113,8 @@ class MemoryConfig:
             _check_int("max_resident_bytes", self.max_resident_bytes, minimum=1)
         if self.archive_after_tokens is not None:
             _check_int("archive_after_tokens", self.archive_after_tokens, minimum=0)
+        _check_int("recall_k", self.recall_k, minimum=0)
+        _check_int("recall_max_tokens", self.recall_max_tokens, minimum=1)
         _check_int("archive_vectors", self.archive_vectors, minimum=1)
         _check_int("archive_max_steps", self.archive_max_steps, minimum=1)
         if self.archive_mode not in ("rehydrate", "gist", "drop"):

@@ -77,6 +77,8 @@ class Step:
     w0: int
     new_blocks: int  # blocks cut from the window after the chunk
     capture: list | None = None  # when a list, each layer appends its queries [H, c, D] (for retrieve())
+    trace: torch.Tensor | None = None  # when given ([n_tokens] float), each layer adds the attention mass
+    # each history token received (summed over heads and queries): what explain= reports
 
     @property
     def we(self) -> int:
@@ -176,7 +178,7 @@ class Context:
         self.tokens: list[int] = []
 
     # ----------------------------------------------------------------------------- chunk protocol
-    def begin(self, c: int, capture: list | None = None) -> Step:
+    def begin(self, c: int, capture: list | None = None, trace: torch.Tensor | None = None) -> Step:
         cfg, lay = self.cfg, self.layout
         if not 0 < c <= cfg.chunk_size:
             raise ValueError(f"a step encodes 1..{cfg.chunk_size} tokens, got {c}")
@@ -185,7 +187,7 @@ class Context:
         shift = lay.win_start if lay.win_end + cw > self.capacity else 0
         ws, w0 = lay.win_start - shift, lay.win_end - shift
         new_blocks = max(0, w0 + cw - ws - cfg.n_local) // cfg.block_size
-        return Step(c, lay.n_tokens, n_to_init, shift, lay.base + shift, ws, w0, new_blocks, capture)
+        return Step(c, lay.n_tokens, n_to_init, shift, lay.base + shift, ws, w0, new_blocks, capture, trace)
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         """Attention output ``[H, c, D]`` of layer ``i`` for queries ``q [H, c, D]``; their own keys and
@@ -207,12 +209,14 @@ class Context:
             st.win_v[:, w0:we] = v[:, ni:]
             st.win_mass[:, w0:we] = 0
         parts: list[AttnPart] = []
+        where: list[torch.Tensor] = []  # absolute position of each part's keys (for step.trace)
         # Visibility as bands on (key index - query index): query i is at position t0 + i.
         il = self.layout.init_len + ni
         if il:  # init token j is visible from position j on
             pos = t.clamp(max=cfg.n_init + cfg.n_local - 1)
             q_init = apply_rope(q, cos[pos], sin[pos])
             parts.append(AttnPart(q_init, st.init_krot[:, :il], st.init_v[:, :il], want_mass=True, band=(None, step.t0)))
+            where.append(torch.arange(il))
 
         # Local window: the last n_local tokens before each query, exact relative positions.
         lo = max(ws, step.t0 - cfg.n_local + 1 - step.base)
@@ -223,6 +227,7 @@ class Context:
             band = (off - cfg.n_local + 1, off)
             local = len(parts)
             parts.append(AttnPart(apply_rope(q, cos[qpos], sin[qpos]), st.win_krot[:, lo:we], st.win_v[:, lo:we], want_mass=True, band=band))
+            where.append(torch.arange(step.base + lo, step.base + we))
 
         # Everything outside the local window sits at the fixed distance n_local ("fixed"), or, with
         # block_positions="ordered", at n_local + (block_size - 1 - offset in its block).
@@ -240,6 +245,7 @@ class Context:
                 kf = apply_rope(kf, cos[off], sin[off])
             # visible once a query is n_local past it
             parts.append(AttnPart(q_blk, kf, st.win_v[:, ws:hi], band=(None, step.t0 - cfg.n_local - step.base - ws)))
+            where.append(torch.arange(step.base + ws, step.base + hi))
         if step.capture is not None or (cfg.topk and len(self.store.layers[i])):
             q_mean = q_far.mean(dim=1)
             if step.capture is not None:
@@ -248,9 +254,18 @@ class Context:
             if ids:
                 bk, bv = self.store.fetch(i, ids)
                 parts.append(AttnPart(q_blk, bk, bv))
+                spans = [torch.arange(*self.block_span(b)) for b in ids]
+                # cold blocks attended as gists (or dropped) have other key counts: not traced
+                where.append(torch.cat(spans) if bk.shape[1] == len(ids) * cfg.block_size else None)
 
         rows = torch.nonzero(t % cfg.mass_stride == 0).flatten() if cfg.mass_stride > 1 else None
-        out, masses = joint_attention(parts, self.g.scaling, rows)
+        if step.trace is None:
+            out, masses = joint_attention(parts, self.g.scaling, rows)
+        else:
+            out, masses, traced = joint_attention(parts, self.g.scaling, rows, trace=True)
+            for pos, m in zip(where, traced):
+                if pos is not None and len(pos):
+                    step.trace.index_add_(0, pos.to(step.trace.device), m.cpu())
         if il and step.t0 < cfg.n_init + cfg.n_local:
             # Like window tokens, init tokens collect mass only while within n_local of the queries;
             # later every query attends to them as sinks, which says nothing about their content.
@@ -334,6 +349,32 @@ class Context:
         """Absolute token range ``[start, end)`` held in the window."""
         lay = self.layout
         return lay.base + lay.win_start, lay.base + lay.win_end
+
+    def keys(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """Unrotated keys of history tokens ``[start, end)`` in ``layer``, per query head:
+        ``[H, n, D]`` float32 on the CPU. A cold block without KV gives one key (its representative
+        key); tokens of blocks that were dropped (``topk=0``) give none."""
+        g, st, lay, bs = self.g, self.layers[layer], self.layout, self.cfg.block_size
+        rep = g.n_heads // g.n_kv_heads
+        out: list[torch.Tensor] = []
+        if start < lay.init_len:
+            out.append(st.init_k[:, start : min(end, lay.init_len)].float().cpu().repeat_interleave(rep, dim=0))
+        w0, w1 = self.window_range
+        lo, hi = max(start, lay.init_len), min(end, w0)
+        if hi > lo and self.cfg.topk:
+            for b in range((lo - self.cfg.n_init) // bs, min(len(self.store), (hi - 1 - self.cfg.n_init) // bs + 1)):
+                a = self.cfg.n_init + b * bs
+                if self.store.is_cold(b):
+                    out.append(self.store.layers[layer].reprs[b].float().cpu()[:, None])
+                else:
+                    k = self.store.block(layer, b)[0][:, max(lo, a) - a : min(hi, a + bs) - a]
+                    out.append(k.float().cpu().repeat_interleave(rep, dim=0))
+        if end > w0 and start < w1:
+            a = max(start, w0) - lay.base
+            out.append(st.win_k[:, a : min(end, w1) - lay.base].float().cpu().repeat_interleave(rep, dim=0))
+        if not out:
+            return torch.zeros(g.n_heads, 0, g.head_dim)
+        return torch.cat(out, dim=1)
 
     def block_span(self, b: int) -> tuple[int, int]:
         start = self.cfg.n_init + b * self.cfg.block_size

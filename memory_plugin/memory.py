@@ -20,6 +20,7 @@ import torch
 from .archive import ColdTier
 from .chat import ChatFormat, StreamDecoder, check_message, check_text
 from .config import MemoryConfig
+from .lexical import LexicalIndex, Passage, cut
 from .model import DEFAULT_MODEL_NAME, MemoryForward, load_model
 from . import persistence as _p
 from . import retrieval as _retrieval
@@ -27,9 +28,24 @@ from . import vectors as _vectors
 from .vectors import MemoryVectors
 
 
+SEARCH_MODES = ("hybrid", "lexical", "attention")
+RECENT_TOKENS = 1024
+"""Recall placement skips passages among the last this many tokens: the embedded model already
+answers 7 of 8 questions about a fact ~1k tokens back (docs/BENCHMARKS.md, section 9), and a copy
+of what sits right before the question only lengthens the turn."""
+EXPLAIN_K = 4  # attended spans an explained answer reports
+PLACED_HEADER = "Earlier in this conversation:"
+INDEX = "index.sqlite"  # a durable memory's lexical index (derived from the log; rebuilt if stale)
+
+
 @dataclass(frozen=True)
 class MemoryHit:
-    """A span of the history that the memory's attention finds relevant to a query."""
+    """A passage of the history: a message, or a piece of at most ``block_size`` tokens of a
+    longer entry (cut at sentence or line ends).
+
+    ``channels`` says what found it: ``"lexical"`` / ``"attention"`` when it is among that
+    channel's top ``k`` for :meth:`ContextMemory.retrieve`; ``"placed"`` / ``"attended"`` in an
+    explained answer (:class:`Answer`)."""
 
     text: str
     start: int  # token offsets in the history, [start, end)
@@ -37,6 +53,21 @@ class MemoryHit:
     score: float
     message_index: int | None = None  # index in ``ContextMemory.messages`` of the entry holding ``start``
     role: str | None = None  # that entry's role (None for add_text)
+    channels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer with what it came from (``generate(..., explain=True)``): the passages the
+    model attended most while writing it (``attended``, score = share of its attention) and the
+    passages placed before the question (``placed``, see ``MemoryConfig.recall_k``)."""
+
+    text: str
+    attended: list[MemoryHit]
+    placed: list[MemoryHit]
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -87,6 +118,26 @@ class _Turn:
     answer: str = ""
     ended_by_stop_token: bool = False
     checkpoint: dict = field(default_factory=dict)
+    placed: list = field(default_factory=list)  # MemoryHits placed before the prompt (recall)
+    explanation: Answer | None = None
+
+
+class TurnStream(Iterator[str]):
+    """What :meth:`ContextMemory.stream` returns: the answer's text pieces; once they are read,
+    ``explanation`` holds the :class:`Answer` (with ``explain=True``)."""
+
+    def __init__(self, pieces: Iterator[str], turn: _Turn):
+        self._pieces, self._turn = pieces, turn
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    @property
+    def explanation(self) -> Answer | None:
+        return self._turn.explanation
 
 
 class ContextMemory:
@@ -122,6 +173,7 @@ class ContextMemory:
             weakref.finalize(self, shutil.rmtree, self._spill_dir, ignore_errors=True)
         self._fingerprint_cache: str | None = None
         self._cold = ColdTier(self)
+        self._index = LexicalIndex()  # durable memories swap in their index.sqlite (open)
         self.reset()
 
     @classmethod
@@ -152,6 +204,7 @@ class ContextMemory:
             self._entries: list[Entry] = []
             self._clock = 0
             self._rollbacks: list[tuple[int, int]] = []  # (clock, tokens kept) for checkpoint validity
+            self._index.truncate(0)
             if self._durable is not None:
                 self._durable.truncate_log(0)
                 self._durable.snapshot(self)
@@ -204,7 +257,34 @@ class ContextMemory:
                 if cp is not None:
                     self._ctx.rollback(cp)
                 raise
+        first = len(self._entries)
         self._entries += entries
+        self._index.add([(first + j, e.content, self._passages(first + j, e)) for j, e in enumerate(entries)])
+
+    def _passages(self, i: int, e: Entry) -> list[Passage]:
+        """Entry ``i`` cut into passages of at most ``block_size`` tokens (a short message is one)."""
+        n, bs = e.end - e.start, self.config.block_size
+        if n <= bs:
+            return [Passage(i, e.start, e.end, e.content.strip())]
+        enc = self.tokenizer(e.content, add_special_tokens=False, return_offsets_mapping=True)
+        cids, offsets = enc["input_ids"], enc["offset_mapping"]
+        # Where the content's tokens sit among the entry's (after a BOS or template header). If the
+        # template tokenised them differently, positions are mapped proportionally.
+        lead, scale = _locate(self._ctx.tokens[e.start : e.end], cids), 1.0
+        if lead < 0:
+            lead, scale = 0, n / max(1, len(cids))
+        pieces = cut(e.content, offsets, bs)
+        out = []
+        for j, (a, b, text) in enumerate(pieces):
+            t0 = e.start if j == 0 else e.start + lead + round(a * scale)
+            t1 = e.end if j == len(pieces) - 1 else e.start + lead + round(b * scale)
+            out.append(Passage(i, t0, t1, text))
+        return out
+
+    def _reindex(self) -> None:
+        """Make the lexical index hold exactly the entries (after load/open)."""
+        kept = self._index.sync([e.content for e in self._entries])
+        self._index.add([(i, e.content, self._passages(i, e)) for i, e in enumerate(self._entries) if i >= kept])
 
     def _settle(self) -> None:
         """After new history: snapshot an open memory when due, wake the cold-tier worker."""
@@ -250,6 +330,7 @@ class ContextMemory:
                 raise ValueError("this checkpoint is no longer valid: the memory was reset or rolled back past it")
             self._ctx.rollback(checkpoint.state)
             del self._entries[checkpoint.n_entries :]
+            self._index.truncate(checkpoint.n_entries)
             self._clock += 1
             self._rollbacks.append((self._clock, n))
             if self._durable is not None:
@@ -269,7 +350,9 @@ class ContextMemory:
         min_new_tokens: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> str:
+        recall: int | None = None,
+        explain: bool = False,
+    ) -> str | Answer:
         """Answer ``prompt`` with attention over the whole memory.
 
         ``chat=True`` appends the prompt as a user turn plus the template's generation prompt
@@ -280,20 +363,28 @@ class ContextMemory:
         and the answer as history. ``temperature=0`` is greedy; ``stop`` strings end the answer
         (they are not included); the end-of-turn token is suppressed until ``min_new_tokens`` tokens
         are out; ``seed`` makes sampling reproducible.
+
+        ``recall``: how many passages :meth:`retrieve` finds for the prompt (for ``prompt=None``, the
+        last message) are placed verbatim just before it, inside the turn (default:
+        ``config.recall_k``; 0: none). They are never stored: ``remember=True`` keeps the prompt and
+        the answer only. ``explain=True`` returns an :class:`Answer` with the passages the model
+        attended most while writing the answer and the placed ones.
         """
-        return "".join(
-            self.stream(
-                prompt,
-                max_new_tokens,
-                temperature,
-                stop,
-                remember,
-                chat=chat,
-                min_new_tokens=min_new_tokens,
-                top_p=top_p,
-                seed=seed,
-            )
+        pieces = self.stream(
+            prompt,
+            max_new_tokens,
+            temperature,
+            stop,
+            remember,
+            chat=chat,
+            min_new_tokens=min_new_tokens,
+            top_p=top_p,
+            seed=seed,
+            recall=recall,
+            explain=explain,
         )
+        text = "".join(pieces)
+        return pieces.explanation if explain else text
 
     def stream(
         self,
@@ -307,8 +398,11 @@ class ContextMemory:
         min_new_tokens: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> Iterator[str]:
-        """Like :meth:`generate`, yielding text pieces as they are produced."""
+        recall: int | None = None,
+        explain: bool = False,
+    ) -> TurnStream:
+        """Like :meth:`generate`, yielding text pieces as they are produced; with ``explain=True``
+        the returned stream's ``explanation`` is the :class:`Answer` once every piece is read."""
         if prompt is not None or not chat:
             check_text(prompt, "prompt")
         elif len(self) == 0:
@@ -325,23 +419,62 @@ class ContextMemory:
             raise TypeError("stop must be a list of str")
         if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be a non-negative int, got {min_new_tokens!r}")
+        recall = self.config.recall_k if recall is None else recall
+        if isinstance(recall, bool) or not isinstance(recall, int) or recall < 0:
+            raise ValueError(f"recall must be a non-negative int, got {recall!r}")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         turn = _Turn(prompt, chat=bool(chat))
         sampling = dict(temperature=float(temperature), top_p=top_p, gen=gen, min_new_tokens=min_new_tokens)
-        return self._stream(turn, max_new_tokens, list(stop or []), remember, sampling)
+        return TurnStream(self._stream(turn, max_new_tokens, list(stop or []), remember, sampling, recall, explain), turn)
 
-    def _stream(self, turn: _Turn, max_new_tokens: int, stop: list[str], remember: bool, sampling: dict):
+    def _turn_ids(self, turn: _Turn, recall: int) -> list[int]:
+        """Token ids of the turn's input: placed passages (recall), the prompt, the generation prompt."""
+        query = turn.prompt if turn.prompt is not None else (self._entries[-1].content if self._entries else None)
+        turn.placed = self._place(query, recall) if recall and query else []
+        placed = "\n".join(h.text for h in reversed(turn.placed))  # the best one nearest the question
+        if not turn.chat:
+            text = turn.prompt if not placed else f"\n{placed}\n{turn.prompt.lstrip(chr(10))}"
+            ids = self._first_ids(self._chat.encode(text))
+            turn.prompt_tokens = len(ids)
+            return ids
+        first = len(self) == 0
+        if turn.prompt is None:
+            ids = self._chat.message_ids("system", f"{PLACED_HEADER}\n{placed}", first=first) if placed else []
+        else:
+            content = f"{PLACED_HEADER}\n{placed}\n\n{turn.prompt}" if placed else turn.prompt
+            ids = self._chat.message_ids("user", content, first=first)
+        turn.prompt_tokens = len(ids)
+        return ids + self._chat.encode(self._chat.generation_prompt)
+
+    def _place(self, query: str, k: int) -> list[MemoryHit]:
+        """Up to ``k`` passages for ``query`` to place before it: scored above the average by the
+        fused search, not among the last ``RECENT_TOKENS`` tokens, within ``config.recall_max_tokens``
+        together."""
+        limit, budget, out = len(self) - RECENT_TOKENS, self.config.recall_max_tokens, []
+        if limit <= 0:
+            return []
+        for h in self._search(query, k + 8, "hybrid"):
+            # above the average fused score: a passage no channel singles out is not worth the tokens
+            if h.score > 0 and h.end <= limit and h.end - h.start <= budget and len(out) < k:
+                budget -= h.end - h.start
+                out.append(MemoryHit(h.text, h.start, h.end, h.score, h.message_index, h.role, ("placed",)))
+        return out
+
+    def _stream(self, turn: _Turn, max_new_tokens: int, stop: list[str], remember: bool, sampling: dict, recall: int, explain: bool):
         with self._lock:
             turn.checkpoint = self._ctx.checkpoint()
+            n_history = len(self)
+            trace = None
             try:
-                if turn.chat:
-                    ids = [] if turn.prompt is None else self._chat.message_ids("user", turn.prompt, first=len(self) == 0)
-                    turn.prompt_tokens = len(ids)
-                    ids += self._chat.encode(self._chat.generation_prompt)
+                ids = self._turn_ids(turn, recall)
+                if explain:  # trace the answer's tokens: the last input token predicts the first one
+                    trace = torch.zeros(n_history + len(ids) + max_new_tokens + 1)
+                    if len(ids) > 1:
+                        self._encode(ids[:-1], atomic=False, logits="none")
+                    logits = self._encode(ids[-1:], atomic=False, trace=trace)
                 else:
-                    ids = self._first_ids(self._chat.encode(turn.prompt))
-                    turn.prompt_tokens = len(ids)
-                logits = self._encode(ids, atomic=False)
+                    logits = self._encode(ids, atomic=False)
+                traced = 1
                 dec = StreamDecoder(self.tokenizer, stop)
                 min_new = sampling.pop("min_new_tokens")
                 for i in range(max_new_tokens):
@@ -358,11 +491,14 @@ class ContextMemory:
                     if dec.stopped:
                         break
                     if i + 1 < max_new_tokens:
-                        logits = self._encode([token], atomic=False)
+                        logits = self._encode([token], atomic=False, trace=trace)
+                        traced += 1
                 tail = dec.flush()
                 if tail:
                     turn.answer += tail
                     yield tail
+                if explain:
+                    turn.explanation = Answer(turn.answer, self._attended(trace, n_history, traced), turn.placed)
             except GeneratorExit:  # the caller stopped reading: the turn ends here
                 self._finish(turn, remember)
                 raise
@@ -372,9 +508,21 @@ class ContextMemory:
             else:
                 self._finish(turn, remember)
 
+    def _attended(self, trace: torch.Tensor, n_history: int, steps: int) -> list[MemoryHit]:
+        """The ``EXPLAIN_K`` passages of the history that received most of the traced attention;
+        score: their share of it (all layers, heads and traced tokens; the rest went to the
+        turn itself, to other passages and to the attention sinks)."""
+        mass = trace[:n_history].clone()
+        mass[: _retrieval.N_SINK] = 0
+        cum = torch.cat([torch.zeros(1), mass.cumsum(0)])
+        total = steps * len(self._ctx.layers) * self._ctx.g.n_heads
+        scored = [(float(cum[p.end] - cum[p.start]) / total, p) for p in self._index.passages(0, n_history)]
+        scored.sort(key=lambda x: -x[0])
+        return [self._hit(p, s, ("attended",)) for s, p in scored[:EXPLAIN_K] if s > 0]
+
     def _finish(self, turn: _Turn, remember: bool) -> None:
         """Restore the memory after a turn, or store the turn as history."""
-        if remember and turn.chat and turn.ended_by_stop_token and turn.answer:
+        if remember and turn.chat and turn.ended_by_stop_token and turn.answer and not turn.placed:
             # The model's own tokens are kept; only the template's end-of-turn text is added.
             start = turn.checkpoint["n_tokens"]
             self._encode(self._chat.encode(self._chat.assistant_suffix), logits="none")
@@ -392,39 +540,71 @@ class ContextMemory:
             self._append([(None, turn.prompt + turn.answer)])
 
     @torch.inference_mode()
-    def retrieve(self, query: str, k: int = 4) -> list[MemoryHit]:
-        """The ``k`` spans of history most relevant to ``query``, best first. Spans are memory
-        blocks, plus block-sized pieces of the initial tokens and of the local window, so the whole
-        history is searchable. Relevance is the model's own attention: the query's queries against
-        each span's keys (see :mod:`memory_plugin.retrieval`). The memory is not changed.
+    def retrieve(self, query: str, k: int = 4, *, mode: str = "hybrid") -> list[MemoryHit]:
+        """The ``k`` passages of the history most relevant to ``query``, best first.
+
+        A passage is a message, or a piece of at most ``block_size`` tokens of a longer entry.
+        ``mode="hybrid"`` fuses two rankings by reciprocal rank: ``"lexical"`` (BM25 over the
+        passages' words: exact for names, ids, numbers) and ``"attention"`` (the model's own
+        queries for ``query`` against each passage's keys); each hit's ``channels`` says which
+        ranked it in their top ``k``. See :mod:`memory_plugin.retrieval`. The memory is not changed.
 
         Example:
-            >>> [(h.role, h.text[:40]) for h in mem.retrieve("database port", k=2)]  # doctest: +SKIP
+            >>> [(h.role, h.channels, h.text[:40]) for h in mem.retrieve("database port", k=2)]  # doctest: +SKIP
         """
         check_text(query, "query")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be a non-negative int, got {k!r}")
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
         with self._lock:
             if k == 0 or len(self) == 0:
                 return []
-            capture: list[torch.Tensor] = []
-            n_seen = len(self)
-            cp = self._ctx.checkpoint()
-            try:
-                self._forward(torch.tensor(self._chat.encode(query)), self._ctx, logits="none", capture=capture)
-            finally:
-                self._ctx.rollback(cp)
-            n_layers = len(self._ctx.layers)
-            queries = [torch.cat(capture[layer::n_layers], dim=1) for layer in range(n_layers)]  # [H, T, D]
-            spans, score = _retrieval.rank(self._ctx, queries, n_seen)
-            order = score.topk(min(k, len(spans))).indices.tolist()
-            return [self._hit(spans[i].start, spans[i].end, float(score[i])) for i in order]
+            return self._search(query, k, mode)
 
-    def _hit(self, start: int, end: int, score: float) -> MemoryHit:
-        entry = next((j for j, e in enumerate(self._entries) if e.start <= start < e.end), None)
-        role = self._entries[entry].role if entry is not None else None
-        text = self.tokenizer.decode(self._ctx.tokens[start:end], skip_special_tokens=True)
-        return MemoryHit(text, start, end, score, entry, role)
+    def _search(self, query: str, k: int, mode: str) -> list[MemoryHit]:
+        rankings: dict[str, list[tuple[Passage, float]]] = {}
+        lexical = self._index.search(query, max(k, _retrieval.CHANNEL_DEPTH))
+        if mode != "attention":
+            rankings["lexical"] = lexical
+        if mode != "lexical":
+            queries, n_seen = self._query_states(query)
+            cands = self._candidates(queries, n_seen, [p for p, _ in lexical])
+            if cands:
+                score = _retrieval.attention_scores(self._ctx, queries, n_seen, cands)
+                order = score.argsort(descending=True, stable=True).tolist()
+                rankings["attention"] = [(cands[i], float(score[i])) for i in order]
+        fused = _retrieval.fuse(rankings)[:k]
+        return [self._hit(p, s, tuple(c for c, r in ranks.items() if r <= k)) for p, s, ranks in fused]
+
+    @torch.inference_mode()
+    def _query_states(self, query: str) -> tuple[list[torch.Tensor], int]:
+        """The query's queries per layer ``[H, T, D]`` (rotated at the far distance), as if it
+        were appended to the history (it is not), and how many history tokens there are."""
+        capture: list[torch.Tensor] = []
+        n_seen = len(self)
+        cp = self._ctx.checkpoint()
+        try:
+            self._forward(torch.tensor(self._chat.encode(query)), self._ctx, logits="none", capture=capture)
+        finally:
+            self._ctx.rollback(cp)
+        n_layers = len(self._ctx.layers)
+        return [torch.cat(capture[layer::n_layers], dim=1) for layer in range(n_layers)], n_seen
+
+    def _candidates(self, queries: list[torch.Tensor], n_seen: int, lexical: list[Passage]) -> list[Passage]:
+        """Passages the attention channel scores: all of a short history; of a long one, those in
+        the blocks InfLLM's relevance preselects, the lexical hits, init and the local window."""
+        if n_seen <= _retrieval.FULL_SCAN_TOKENS:
+            return self._index.passages()
+        lay = self._ctx.layout
+        ranges = [self._ctx.block_span(b) for b in _retrieval.preselect(self._ctx, queries, n_seen, _retrieval.PRESELECT_BLOCKS)]
+        ranges += [(0, lay.init_len), self._ctx.window_range]
+        found = {(p.start, p.end): p for a, b in ranges for p in self._index.passages(a, b)}
+        found.update({(p.start, p.end): p for p in lexical})
+        return [found[key] for key in sorted(found)]
+
+    def _hit(self, p: Passage, score: float, channels: tuple[str, ...]) -> MemoryHit:
+        return MemoryHit(p.text, p.start, p.end, score, p.entry, self._entries[p.entry].role, channels)
 
     # ------------------------------------------------------------------------------------ memory vectors
     def cram(self, text_or_token_ids: str | Sequence[int], n_vectors: int = 1, **kw) -> MemoryVectors:
@@ -510,6 +690,7 @@ class ContextMemory:
             mem._ctx.store.detach_disk()
             mem._spill_dir = None
         mem._replay(tail)
+        mem._reindex()
         return mem
 
     @classmethod
@@ -540,11 +721,13 @@ class ContextMemory:
             hf, tok, name = _resolve(model, tokenizer, manifest.model_name if exists else None, device, dtype)
             if exists:
                 saved = MemoryConfig(**manifest.config)
-                runtime = config.max_resident_bytes if config is not None else None
-                if config is not None and config.replace(max_resident_bytes=None) != saved:
-                    diff = [k for k, v in saved.to_dict().items() if getattr(config, k) != v and k != "max_resident_bytes"]
+                # Fields that choose how the memory is used, not what it holds, may differ.
+                runtime = {k: getattr(config or MemoryConfig(), k) for k in MemoryConfig.RUNTIME_FIELDS}
+                runtime["max_resident_bytes"] = config.max_resident_bytes if config is not None else None
+                if config is not None and config.replace(**{k: getattr(saved, k) for k in runtime}) != saved:
+                    diff = [k for k, v in saved.to_dict().items() if getattr(config, k) != v and k not in runtime]
                     raise ValueError(f"{path}: config differs from the saved memory's in {', '.join(diff)}")
-                cfg = saved.replace(max_resident_bytes=runtime)
+                cfg = saved.replace(**runtime)
             else:
                 cfg = config or MemoryConfig()
             mem = cls(hf, tok, cfg, model_name=name, _spill_dir=path)
@@ -555,6 +738,9 @@ class ContextMemory:
             durable = _p.Durable(path, lock, mem._fingerprint(), name, snapshot_every)
             durable.manifest = manifest
             mem._replay(tail)
+            mem._index.close()
+            mem._index = LexicalIndex(path / INDEX)
+            mem._reindex()
             mem._durable = durable
             if exists:
                 durable.maybe_snapshot(mem)
@@ -580,6 +766,7 @@ class ContextMemory:
                 self._durable.snapshot(self)
                 self._durable.close()
                 self._durable = None
+                self._index.close()
             self._ctx.store.close()
 
     def __enter__(self) -> ContextMemory:
@@ -638,6 +825,17 @@ def _resolve(model, tokenizer, saved_name: str | None, device, dtype):
     default = name in (None, DEFAULT_MODEL_NAME)
     hf, tok = load_model(None if default else name, device=device, dtype=dtype)
     return hf, tok, DEFAULT_MODEL_NAME if default else name
+
+
+def _locate(ids: list[int], sub: list[int]) -> int:
+    """Where ``sub`` (a text's tokens) starts in ``ids`` (an entry's tokens), allowing its first
+    token or two to have merged with what precedes it; -1 when it is not there."""
+    for skip in range(min(3, len(sub))):
+        probe = sub[skip : skip + 8]
+        for at in range(skip, len(ids) - len(sub) + skip + 1):
+            if ids[at : at + len(probe)] == probe:
+                return at - skip
+    return -1
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

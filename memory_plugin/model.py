@@ -163,6 +163,7 @@ class MemoryForward:
         embeds: torch.Tensor | None = None,
         logits: str = "last",
         capture: list | None = None,
+        trace: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Encode tokens ``ids [n]`` (or ``embeds [n, hidden]``) into ``ctx`` chunk by chunk.
 
@@ -176,7 +177,7 @@ class MemoryForward:
         outs = []
         chunk = ctx.cfg.chunk_size
         for s in range(0, n, chunk):
-            h, step = self._step(embeds[s : s + chunk], ctx, capture)
+            h, step = self._step(embeds[s : s + chunk], ctx, capture, trace)
             ctx.commit(step, token_ids[s : s + chunk])
             if logits == "all" or (logits == "last" and s + chunk >= n):
                 outs.append(h if logits == "all" else h[-1:])
@@ -185,10 +186,10 @@ class MemoryForward:
         out = self.lm_head(self.norm(torch.cat(outs)))
         return out[-1] if logits == "last" else out
 
-    def _step(self, h: torch.Tensor, ctx: Context, capture: list | None):
+    def _step(self, h: torch.Tensor, ctx: Context, capture: list | None, trace: torch.Tensor | None = None):
         g = self.geometry
         c = h.shape[0]
-        step = ctx.begin(c, capture)
+        step = ctx.begin(c, capture, trace)
         for i, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             attn = layer.self_attn

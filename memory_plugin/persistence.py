@@ -316,7 +316,8 @@ def collect_garbage(directory: Path, manifest: Manifest, store) -> None:
 
 def _config_dict(config) -> dict:
     d = config.to_dict()
-    d.pop("max_resident_bytes", None)  # a runtime choice, not part of what is stored
+    for name in config.RUNTIME_FIELDS:  # runtime choices, not part of what is stored
+        d.pop(name, None)
     return d
 
 

@@ -1,0 +1,239 @@
+"""Hybrid recall: the lexical index, fused retrieval, placement of recalled passages before a new
+input, and explained answers. Tiny random models test the mechanics; the real model, that an
+explained answer points at the fact it used."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+from memory_plugin import Answer, ContextMemory, MemoryConfig
+from memory_plugin import lexical, retrieval
+from memory_plugin.lexical import LexicalIndex, Passage, cut, fts_query
+from memory_plugin.testing import TINY_CONFIG
+
+PROSE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+MEMO = "Maintenance memo: the pump in hall {hall} was fixed by technician {name}; ticket {ticket}."
+MEMOS = [("Brackwater", "Ines Okafor", "MX-40217"), ("Quillfeather", "Oriana Vesk", "MX-51873"), ("Tamsin", "Hal Ebo", "MX-69302")]
+
+
+def _state(mem):
+    return (len(mem), list(mem.token_ids), mem.messages, len(mem.stats().config.to_dict()))
+
+
+def test_module_doctests():
+    for module in (lexical, retrieval):
+        assert doctest.testmod(module).failed == 0
+
+
+def test_fts_query_keeps_content_words_and_escapes_quotes():
+    assert fts_query('Who fixed "pump" MX-40217?') == '"fixed" OR "pump" OR "mx" OR "40217"'
+    assert fts_query("what is it") is None
+
+
+def test_cut_never_exceeds_max_tokens_and_covers_every_token():
+    text = "One two three. Four five six seven eight nine ten eleven.\nTwelve."
+    words = [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+", text)]
+    pieces = cut(text, words, max_tokens=4)
+    assert all(b - a <= 4 for a, b, _ in pieces)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(words)
+    assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))
+    assert pieces[0][2] == "One two three."  # cut at the sentence end, not at 4 tokens
+
+
+def test_lexical_index_truncate_sync_and_search():
+    ix = LexicalIndex()
+    docs = ["alpha beta", "gamma delta", "epsilon zeta"]
+    ix.add([(i, d, [Passage(i, 10 * i, 10 * i + 10, d)]) for i, d in enumerate(docs)])
+    assert [p.entry for p, _ in ix.search("delta", 5)] == [1]
+    ix.truncate(1)
+    assert len(ix) == 1 and ix.search("delta", 5) == [] and ix.search("alpha", 5)
+    ix.add([(1, "other", [Passage(1, 10, 20, "other")])])
+    # sync keeps the prefix that matches the entries and drops the rest
+    assert ix.sync(["alpha beta", "changed"]) == 1 and len(ix) == 1
+    assert [p.start for p in ix.passages(0, 100)] == [0]
+
+
+@pytest.fixture
+def tiny_memory(tiny_model, tiny_tokenizer):
+    """Blocks of 128 tokens: a memo is one passage."""
+    return ContextMemory(tiny_model, tiny_tokenizer, CONFIG)
+
+
+CONFIG = TINY_CONFIG.replace(block_size=128, n_local=256)
+
+
+def _memos_memory(mem, n_prose=4):
+    mem.add_message("system", "You are an operations agent.")
+    for hall, name, ticket in MEMOS:
+        mem.add_text(PROSE * n_prose)
+        mem.add_message("tool", MEMO.format(hall=hall, name=name, ticket=ticket))
+    mem.add_text(PROSE * n_prose)
+    return mem
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "lexical"])
+def test_rare_names_are_found_first_and_hits_follow_message_boundaries(tiny_memory, mode):
+    mem = _memos_memory(tiny_memory)
+    for hall, name, ticket in MEMOS:
+        for query in (f"Who fixed the pump in hall {hall}?", f"Which ticket did {name} close?", f"who handled {ticket}"):
+            hit = mem.retrieve(query, k=3, mode=mode)[0]
+            entry = mem.entries[hit.message_index]
+            assert name in hit.text and hit.role == "tool" and "lexical" in hit.channels
+            assert (hit.start, hit.end) == (entry.start, entry.end)  # a message is one passage
+
+
+def test_attention_mode_ranks_every_passage_and_channels_name_the_finder(tiny_memory):
+    mem = _memos_memory(tiny_memory)
+    hits = mem.retrieve("pump", k=1000, mode="attention")
+    assert all(h.channels in ((), ("attention",)) for h in hits)
+    assert sum("attention" in h.channels for h in hits) == 1000 or len(hits) < 1000
+    assert sorted((h.start, h.end) for h in hits) == sorted((h.start, h.end) for h in mem.retrieve("pump", k=1000))
+
+
+def test_long_entries_are_cut_into_block_sized_passages_tiling_the_entry(tiny_memory):
+    tiny_memory.add_text(PROSE * 20)
+    e = tiny_memory.entries[0]
+    hits = sorted(tiny_memory.retrieve("grass", k=1000), key=lambda h: h.start)
+    assert hits[0].start == e.start and hits[-1].end == e.end
+    assert all(a.end == b.start for a, b in zip(hits, hits[1:]))
+    assert all(h.end - h.start <= CONFIG.block_size + 2 for h in hits)
+    assert all(h.text.endswith((".", "again")) for h in hits[:-1])  # cut at sentence ends
+
+
+def test_bad_arguments_are_refused(tiny_memory):
+    _memos_memory(tiny_memory)
+    with pytest.raises(ValueError, match="mode"):
+        tiny_memory.retrieve("x", mode="bm25")
+    with pytest.raises(ValueError, match="recall"):
+        tiny_memory.generate("x", recall=-1)
+    with pytest.raises(ValueError, match="recall_k"):
+        MemoryConfig(recall_k=-1)
+
+
+def test_index_follows_checkpoints_rollbacks_and_reset(tiny_memory):
+    mem = _memos_memory(tiny_memory)
+    cp = mem.checkpoint()
+    mem.add_message("user", "The zebra code is 7781.")
+    assert "zebra" in mem.retrieve("zebra", k=1, mode="lexical")[0].text
+    mem.rollback(cp)
+    assert mem.retrieve("zebra", k=1, mode="lexical") == []
+    mem.generate("Remember the okapi.", max_new_tokens=3, remember=True, min_new_tokens=1)
+    assert mem.retrieve("okapi", k=1, mode="lexical")[0].role == "user"
+    mem.reset()
+    assert mem.retrieve("Okafor", k=1, mode="lexical") == []
+
+
+def test_durable_index_persists_is_repaired_and_copies_are_searchable(tiny_model, tiny_tokenizer, tmp_path):
+    d = tmp_path / "mem"
+    with ContextMemory.open(d, tiny_model, tokenizer=tiny_tokenizer, config=CONFIG) as mem:
+        _memos_memory(mem)
+        want = [(h.start, h.end) for h in mem.retrieve("Oriana Vesk", k=3)]
+        mem.save(tmp_path / "copy")
+    assert (d / "index.sqlite").exists()
+    with ContextMemory.open(d, tiny_model, tokenizer=tiny_tokenizer) as mem:
+        assert [(h.start, h.end) for h in mem.retrieve("Oriana Vesk", k=3)] == want
+        mem.add_message("user", "The okapi sleeps in hall Brackwater.")
+    # an index that disagrees with the log (a crash between the two) is repaired on open
+    ix = LexicalIndex(d / "index.sqlite")
+    ix.truncate(2)
+    ix.add([(2, "stale", [Passage(2, 0, 5, "stale okapi words")])])
+    ix.close()
+    with ContextMemory.open(d, tiny_model, tokenizer=tiny_tokenizer) as mem:
+        hits = mem.retrieve("okapi", k=5, mode="lexical")
+        assert [h.text for h in hits] == ["The okapi sleeps in hall Brackwater."]
+        assert mem.retrieve("Ines Okafor", k=1, mode="lexical")[0].role == "tool"
+    copy = ContextMemory.load(tmp_path / "copy", tiny_model, tokenizer=tiny_tokenizer)
+    assert [(h.start, h.end) for h in copy.retrieve("Oriana Vesk", k=3)] == want
+
+
+def test_past_the_full_scan_size_attention_scores_only_candidates(tiny_memory, monkeypatch):
+    mem = _memos_memory(tiny_memory, n_prose=8)
+    everything = {(h.start, h.end) for h in mem.retrieve("pump", k=10_000, mode="attention")}
+    monkeypatch.setattr(retrieval, "FULL_SCAN_TOKENS", 0)
+    monkeypatch.setattr(retrieval, "PRESELECT_BLOCKS", 2)
+    scored = {(h.start, h.end) for h in mem.retrieve("pump", k=10_000, mode="attention")}
+    assert scored < everything
+    hit = mem.retrieve("Which ticket did Hal Ebo close?", k=1)[0]
+    assert "Hal Ebo" in hit.text  # the lexical hit is a candidate even when its block is not preselected
+
+
+def _long_history(mem):
+    """More than RECENT_TOKENS of history, the memos early, prose after."""
+    _memos_memory(mem)
+    while len(mem) < 2000:
+        mem.add_text(PROSE * 4)
+    return mem
+
+
+def test_placement_puts_recalled_passages_in_the_turn_and_stores_nothing_of_them(tiny_memory):
+    mem = _long_history(tiny_memory)
+    before = _state(mem)
+    ans = mem.generate("Which ticket did Oriana Vesk close?", max_new_tokens=4, recall=2, explain=True)
+    assert isinstance(ans, Answer) and _state(mem) == before
+    assert ans.placed and "Oriana Vesk" in ans.placed[0].text and ans.placed[0].channels == ("placed",)
+    assert sum(h.end - h.start for h in ans.placed) <= mem.config.recall_max_tokens
+    assert all(h.end <= len(mem) - 1024 for h in ans.placed)  # nothing from right before the question
+    # the turn's input holds the passages: the answer differs from a turn without them
+    assert mem.generate("Which ticket did Oriana Vesk close?", max_new_tokens=4, recall=0, explain=True).placed == []
+    n = len(mem.messages)
+    mem.generate("Which ticket did Oriana Vesk close?", max_new_tokens=4, recall=2, remember=True, min_new_tokens=1)
+    assert [m["role"] for m in mem.messages[n:]] == ["user", "assistant"]
+    assert mem.messages[n]["content"] == "Which ticket did Oriana Vesk close?"
+    assert "Vesk" not in mem.tokenizer.decode(mem.token_ids[mem.entries[n].start :]).split("close?")[1]
+
+
+def test_placement_changes_the_input_the_model_sees(tiny_model, tiny_tokenizer):
+    seen = []
+    mem = _long_history(ContextMemory(tiny_model, tiny_tokenizer, CONFIG.replace(recall_k=2)))
+    real = mem._encode
+
+    def spy(ids, **kw):
+        seen.append(list(ids))
+        return real(ids, **kw)
+
+    mem._encode = spy
+    mem.generate("Which ticket did Oriana Vesk close?", max_new_tokens=1)  # config default: 2 passages
+    placed = mem.tokenizer.decode(seen[0])
+    assert "Oriana Vesk; ticket MX-51873" in placed and placed.index("MX-51873") < placed.index("Which ticket")
+    seen.clear()
+    mem.generate("\nThe ticket of Oriana Vesk is", max_new_tokens=1, chat=False)
+    assert "MX-51873" in mem.tokenizer.decode(seen[0])
+    mem.add_message("user", "Which ticket did Oriana Vesk close?")
+    seen.clear()
+    mem.generate(None, max_new_tokens=1)  # prompt=None: the last message is the query
+    assert "MX-51873" in mem.tokenizer.decode(seen[0])
+
+
+def test_explain_reports_attended_passages_of_the_history(tiny_memory):
+    mem = _long_history(tiny_memory)
+    stream = mem.stream("Which ticket did Oriana Vesk close?", max_new_tokens=3, recall=0, explain=True)
+    text = "".join(stream)
+    ans = stream.explanation
+    assert ans.text == text and 0 < len(ans.attended) <= 4
+    assert all(h.channels == ("attended",) and 0 < h.score <= 1 and h.end <= len(mem) for h in ans.attended)
+    assert [h.score for h in ans.attended] == sorted((h.score for h in ans.attended), reverse=True)
+
+
+@pytest.mark.real_model
+def test_real_model_explained_answer_points_at_the_fact_it_used(real_model):
+    from pydoc_data.topics import topics
+
+    model, tok = real_model
+    mem = ContextMemory(model, tok)
+    prose = [topics[k] for k in ("assert", "pass", "del", "return", "yield", "raise", "break", "continue")]
+    fact = "The backup generator in the Quillfeather annex has asset tag 58213."
+    mem.add_text(prose[0] + "\n\n" + prose[1])
+    mem.add_text(fact + "\n\n")
+    for p in prose[2:]:
+        mem.add_text(p + "\n\n")
+    assert len(mem) > 1800
+    ans = mem.generate(
+        "\nThe asset tag of the backup generator in the Quillfeather annex is", 8, chat=False, recall=0, explain=True
+    )
+    assert "58213" in ans.text
+    assert any("58213" in h.text for h in ans.attended), [h.text[:60] for h in ans.attended]
+    placed = mem.generate("What is the asset tag of the backup generator in the Quillfeather annex?", 24, explain=True)
+    assert "58213" in placed.placed[0].text
+    assert "58213" in placed.text
