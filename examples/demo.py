@@ -1,8 +1,10 @@
 """`make demo`: an agent loop whose history grows far past the model's 8k-token context.
 
-Facts are planted early in tool outputs; after ~40 more tool calls the agent is asked about them.
-ContextMemory answers from its whole history; the truncation baseline (what an agent does when it
-cuts old messages to fit) sees only the last few thousand tokens. Runs on the embedded
+Facts are planted early in tool outputs; after ~40 more tool calls the agent is asked about them,
+as a user would ask (chat questions). ContextMemory answers from its whole history: its hybrid
+search places the passages it recalls right before the question, and the table shows them, with
+the spans the model attended most while answering. The truncation baseline (what an agent does
+when it cuts old messages to fit) sees only the last few thousand tokens. Runs on the embedded
 SmolLM2-135M-Instruct in a few minutes on 2 CPU cores.
 
     python examples/demo.py [--steps 40]
@@ -19,8 +21,7 @@ from tqdm import tqdm
 from memory_plugin import ContextMemory
 from memory_plugin.baselines import Truncation
 
-# Facts the agent reads in its first tool calls. A 135M model copies numbers well; the questions are
-# completion-style ("<key> =") because it answers those far more reliably than chat questions.
+# Facts the agent reads in its first tool calls.
 FACTS = [
     ("database_port", "5433"),
     ("api_rate_limit", "750"),
@@ -86,29 +87,36 @@ def main() -> None:
         print(f"  status note at {n:>6} tokens of history: {s:.2f}s")
 
     rows = []
-    for key, value in tqdm(FACTS, desc="questions", unit="q"):
-        q = f"\n{key} ="
-        row = [key, value]
-        for target in (mem, baseline):
-            t = time.perf_counter()
-            ans = target.generate(q, max_new_tokens=8, chat=False).strip().split("\n")[0]
-            first_word = ans.split()[0].strip(".,;") if ans.split() else ""
-            row += [ans, first_word == value, time.perf_counter() - t]
-        rows.append(row)
+    for i, (key, value) in enumerate(tqdm(FACTS, desc="questions", unit="q")):
+        q = f"What is the {key} in the config of the {SERVICES[i]} service?"  # asked as a user would
+        t = time.perf_counter()
+        ans = mem.generate(q, max_new_tokens=24, explain=True)  # hybrid recall placement is on by default
+        row = [key, value, _line(ans.text), value in ans.text, time.perf_counter() - t, ans]
+        t = time.perf_counter()
+        plain = baseline.generate(q, max_new_tokens=24)
+        rows.append(row + [_line(plain), value in plain, time.perf_counter() - t])
 
-    print(f"\n{'question':<16} {'truth':>6} | {'ContextMemory':<14} {'ok':<3} {'s':>5} | {'truncation':<14} {'ok':<3} {'s':>5}")
-    print("-" * 80)
-    for key, value, a1, ok1, s1, a2, ok2, s2 in rows:
-        yes = {True: "yes", False: "no"}
-        print(f"{key:<16} {value:>6} | {a1[:14]:<14} {yes[ok1]:<3} {s1:>5.2f} | {a2[:14]:<14} {yes[ok2]:<3} {s2:>5.2f}")
+    yes = {True: "yes", False: "no"}
+    print(f"\n{'question':<16} {'truth':>6} | {'ContextMemory':<30} {'ok':<3} {'s':>5} | {'truncation':<22} {'ok':<3} {'s':>5}")
+    print("-" * 100)
+    for key, value, a1, ok1, s1, ans, a2, ok2, s2 in rows:
+        print(f"{key:<16} {value:>6} | {a1[:30]:<30} {yes[ok1]:<3} {s1:>5.2f} | {a2[:22]:<22} {yes[ok2]:<3} {s2:>5.2f}")
+        for h in ans.placed:
+            print(f"{'':>25} placed   @{h.start:>6}: {_line(h.text)[:60]}")
+        for h in ans.attended[:2]:
+            print(f"{'':>25} attended @{h.start:>6} ({h.score:.1%}): {_line(h.text)[:50]}")
     st = mem.stats()
-    cm_ok, tr_ok = sum(r[3] for r in rows), sum(r[6] for r in rows)
-    print("-" * 80)
+    cm_ok, tr_ok = sum(r[3] for r in rows), sum(r[7] for r in rows)
+    print("-" * 100)
     print(f"correct: ContextMemory {cm_ok}/{len(rows)}, truncation {tr_ok}/{len(rows)}")
     print(
         f"memory held: {st.tokens} tokens = {st.init_tokens} init + {st.blocks} blocks x {cfg.block_size} + "
         f"{st.window_tokens} window; {st.total_bytes / 2**20:.0f} MiB of KV"
     )
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -209,14 +209,15 @@ class Context:
             st.win_v[:, w0:we] = v[:, ni:]
             st.win_mass[:, w0:we] = 0
         parts: list[AttnPart] = []
-        where: list[torch.Tensor] = []  # absolute position of each part's keys (for step.trace)
+        tracing = step.trace is not None
+        where: list[torch.Tensor | None] = []  # absolute positions of each part's keys, when tracing
         # Visibility as bands on (key index - query index): query i is at position t0 + i.
         il = self.layout.init_len + ni
         if il:  # init token j is visible from position j on
             pos = t.clamp(max=cfg.n_init + cfg.n_local - 1)
             q_init = apply_rope(q, cos[pos], sin[pos])
             parts.append(AttnPart(q_init, st.init_krot[:, :il], st.init_v[:, :il], want_mass=True, band=(None, step.t0)))
-            where.append(torch.arange(il))
+            where.append(torch.arange(il) if tracing else None)
 
         # Local window: the last n_local tokens before each query, exact relative positions.
         lo = max(ws, step.t0 - cfg.n_local + 1 - step.base)
@@ -227,7 +228,7 @@ class Context:
             band = (off - cfg.n_local + 1, off)
             local = len(parts)
             parts.append(AttnPart(apply_rope(q, cos[qpos], sin[qpos]), st.win_krot[:, lo:we], st.win_v[:, lo:we], want_mass=True, band=band))
-            where.append(torch.arange(step.base + lo, step.base + we))
+            where.append(torch.arange(step.base + lo, step.base + we) if tracing else None)
 
         # Everything outside the local window sits at the fixed distance n_local ("fixed"), or, with
         # block_positions="ordered", at n_local + (block_size - 1 - offset in its block).
@@ -245,7 +246,7 @@ class Context:
                 kf = apply_rope(kf, cos[off], sin[off])
             # visible once a query is n_local past it
             parts.append(AttnPart(q_blk, kf, st.win_v[:, ws:hi], band=(None, step.t0 - cfg.n_local - step.base - ws)))
-            where.append(torch.arange(step.base + ws, step.base + hi))
+            where.append(torch.arange(step.base + ws, step.base + hi) if tracing else None)
         if step.capture is not None or (cfg.topk and len(self.store.layers[i])):
             q_mean = q_far.mean(dim=1)
             if step.capture is not None:
@@ -254,12 +255,12 @@ class Context:
             if ids:
                 bk, bv = self.store.fetch(i, ids)
                 parts.append(AttnPart(q_blk, bk, bv))
-                spans = [torch.arange(*self.block_span(b)) for b in ids]
                 # cold blocks attended as gists (or dropped) have other key counts: not traced
-                where.append(torch.cat(spans) if bk.shape[1] == len(ids) * cfg.block_size else None)
+                whole = tracing and bk.shape[1] == len(ids) * cfg.block_size
+                where.append(torch.cat([torch.arange(*self.block_span(b)) for b in ids]) if whole else None)
 
         rows = torch.nonzero(t % cfg.mass_stride == 0).flatten() if cfg.mass_stride > 1 else None
-        if step.trace is None:
+        if not tracing:
             out, masses = joint_attention(parts, self.g.scaling, rows)
         else:
             out, masses, traced = joint_attention(parts, self.g.scaling, rows, trace=True)
