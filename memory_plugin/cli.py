@@ -1,6 +1,8 @@
 """Command line: ``memory-plugin info | ask | chat``.
 
     memory-plugin ask --file notes.txt "What did we decide about the schema?"
+    memory-plugin ask --file notes.txt --explain --recall 2 "Who signed the accord?"
+    memory-plugin ask --file notes.txt --show-sources --mode lexical "Kelderwick"
     memory-plugin chat --file manual.txt
     memory-plugin info
 """
@@ -35,14 +37,35 @@ def _memory(args):
     return mem
 
 
-def _ask(args) -> int:
-    mem = _memory(args)
-    for piece in mem.stream(args.question, max_new_tokens=args.max_new_tokens, chat=not args.completion):
+def _hit_line(hit) -> str:
+    """One line for a passage: token span, score, where it is, what found it, its text."""
+    where = f"message {hit.message_index}" + (f" ({hit.role})" if hit.role else "")
+    found = "+".join(hit.channels) or "-"
+    return f"  [{hit.start}:{hit.end}] score {hit.score:.3f} {where} {found}: {hit.text[:100]!r}"
+
+
+def _answer(mem, prompt: str, args, **kw) -> None:
+    """Stream the answer to stdout; with --explain, then the placed and attended passages to stderr."""
+    pieces = mem.stream(prompt, max_new_tokens=args.max_new_tokens, recall=args.recall, explain=args.explain, **kw)
+    for piece in pieces:
         print(piece, end="", flush=True)
     print()
+    if args.explain and pieces.explanation is not None:
+        answer = pieces.explanation
+        for title, hits in (("placed before the question", answer.placed), ("attended most", answer.attended)):
+            print(f"{title}: {len(hits) or 'none'}", file=sys.stderr)
+            for hit in hits:
+                print(_hit_line(hit), file=sys.stderr)
+
+
+def _ask(args) -> int:
+    mem = _memory(args)
+    _answer(mem, args.question, args, chat=not args.completion)
     if args.show_sources:
-        for hit in mem.retrieve(args.question, k=3):
-            print(f"[{hit.start}:{hit.end}] score {hit.score:.2f}: {hit.text[:100]!r}", file=sys.stderr)
+        hits = mem.retrieve(args.question, k=args.k, mode=args.mode)
+        print(f"sources ({args.mode}): {len(hits) or 'none'}", file=sys.stderr)
+        for hit in hits:
+            print(_hit_line(hit), file=sys.stderr)
     return 0
 
 
@@ -56,9 +79,8 @@ def _chat(args) -> int:
             break
         if not line:
             break
-        for piece in mem.stream(line, max_new_tokens=args.max_new_tokens, remember=True):
-            print(piece, end="", flush=True)
-        print(f"\n  ({len(mem)} tokens in memory)", file=sys.stderr)
+        _answer(mem, line, args, remember=True)
+        print(f"  ({len(mem)} tokens in memory)", file=sys.stderr)
     return 0
 
 
@@ -88,12 +110,31 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--device", help="cpu (default) or cuda")
         sp.add_argument("--file", action="append", help="text file to remember first (repeatable)")
         sp.add_argument("--max-new-tokens", type=int, default=128)
+        sp.add_argument(
+            "--recall",
+            type=int,
+            metavar="N",
+            help="passages the memory's search finds for the question, placed before it "
+            "(default: the config's recall_k, 3; 0: none)",
+        )
+        sp.add_argument(
+            "--explain", action="store_true", help="after the answer, print the passages placed and those attended most"
+        )
         for field in ("block_size", "n_init", "n_local", "topk"):
             sp.add_argument(f"--{field.replace('_', '-')}", dest=field, type=int)
     ask = sub.choices["ask"]
     ask.add_argument("question")
     ask.add_argument("--completion", action="store_true", help="continue the question as raw text (no chat turn)")
-    ask.add_argument("--show-sources", action="store_true", help="print the memory spans most relevant to it")
+    ask.add_argument(
+        "--show-sources", action="store_true", help="print the memory passages the search finds for the question"
+    )
+    ask.add_argument(
+        "--mode",
+        choices=("hybrid", "lexical", "attention"),
+        default="hybrid",
+        help="how --show-sources searches: BM25 and attention fused (default), or one of them",
+    )
+    ask.add_argument("-k", type=int, default=3, help="passages --show-sources prints (default 3)")
     args = p.parse_args(argv)
     try:
         return {"info": _info, "ask": _ask, "chat": _chat}[args.cmd](args)

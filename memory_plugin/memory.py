@@ -12,7 +12,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,10 @@ class MemoryHit:
     role: str | None = None  # that entry's role (None for add_text)
     channels: tuple[str, ...] = ()
 
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (``channels`` as a list), e.g. for a framework's metadata."""
+        return {**asdict(self), "channels": list(self.channels)}
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -68,6 +72,10 @@ class Answer:
 
     def __str__(self) -> str:
         return self.text
+
+    def sources(self) -> dict:
+        """``{"attended": [...], "placed": [...]}``: the passages as plain data (``MemoryHit.to_dict``)."""
+        return {"attended": [h.to_dict() for h in self.attended], "placed": [h.to_dict() for h in self.placed]}
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,7 @@ class _Turn:
     prompt_tokens: int = 0
     answer: str = ""
     ended_by_stop_token: bool = False
+    query: str | None = None  # what recall searches for (None: the prompt, else the last message)
     checkpoint: dict = field(default_factory=dict)
     placed: list = field(default_factory=list)  # MemoryHits placed before the prompt (recall)
     explanation: Answer | None = None
@@ -138,6 +147,11 @@ class TurnStream(Iterator[str]):
     @property
     def explanation(self) -> Answer | None:
         return self._turn.explanation
+
+    @property
+    def placed(self) -> list[MemoryHit]:
+        """The passages recall placed before the prompt (known once the first piece is read)."""
+        return list(self._turn.placed)
 
 
 class ContextMemory:
@@ -351,6 +365,7 @@ class ContextMemory:
         top_p: float = 1.0,
         seed: int | None = None,
         recall: int | None = None,
+        recall_query: str | None = None,
         explain: bool = False,
     ) -> str | Answer:
         """Answer ``prompt`` with attention over the whole memory.
@@ -364,8 +379,9 @@ class ContextMemory:
         (they are not included); the end-of-turn token is suppressed until ``min_new_tokens`` tokens
         are out; ``seed`` makes sampling reproducible.
 
-        ``recall``: how many passages :meth:`retrieve` finds for the prompt (for ``prompt=None``, the
-        last message) are placed verbatim just before it, inside the turn (default:
+        ``recall``: how many passages :meth:`place` finds for the prompt (for ``prompt=None``, the
+        last message; ``recall_query``: that text instead, e.g. the user's question inside a
+        formatted prompt) are placed verbatim just before it, inside the turn (default:
         ``config.recall_k``; 0: none). They are never stored: ``remember=True`` keeps the prompt and
         the answer only. ``explain=True`` returns an :class:`Answer` with the passages the model
         attended most while writing the answer and the placed ones.
@@ -381,6 +397,7 @@ class ContextMemory:
             top_p=top_p,
             seed=seed,
             recall=recall,
+            recall_query=recall_query,
             explain=explain,
         )
         text = "".join(pieces)
@@ -399,6 +416,7 @@ class ContextMemory:
         top_p: float = 1.0,
         seed: int | None = None,
         recall: int | None = None,
+        recall_query: str | None = None,
         explain: bool = False,
     ) -> TurnStream:
         """Like :meth:`generate`, yielding text pieces as they are produced; with ``explain=True``
@@ -422,15 +440,19 @@ class ContextMemory:
         recall = self.config.recall_k if recall is None else recall
         if isinstance(recall, bool) or not isinstance(recall, int) or recall < 0:
             raise ValueError(f"recall must be a non-negative int, got {recall!r}")
+        if recall_query is not None:
+            check_text(recall_query, "recall_query")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        turn = _Turn(prompt, chat=bool(chat))
+        turn = _Turn(prompt, chat=bool(chat), query=recall_query)
         sampling = dict(temperature=float(temperature), top_p=top_p, gen=gen, min_new_tokens=min_new_tokens)
         return TurnStream(self._stream(turn, max_new_tokens, list(stop or []), remember, sampling, recall, explain), turn)
 
     def _turn_ids(self, turn: _Turn, recall: int) -> list[int]:
         """Token ids of the turn's input: placed passages (recall), the prompt, the generation prompt."""
-        query = turn.prompt if turn.prompt is not None else (self._entries[-1].content if self._entries else None)
-        turn.placed = self._place(query, recall) if recall and query else []
+        query = turn.query if turn.query is not None else turn.prompt
+        if query is None:
+            query = self._entries[-1].content if self._entries else ""
+        turn.placed = self.place(query, recall) if recall and query.strip() else []
         placed = "\n".join(h.text for h in reversed(turn.placed))  # the best one nearest the question
         if not turn.chat:
             text = turn.prompt if not placed else f"\n{placed}\n{turn.prompt.lstrip(chr(10))}"
@@ -439,26 +461,35 @@ class ContextMemory:
             return ids
         first = len(self) == 0
         if turn.prompt is None:
-            ids = self._chat.message_ids("system", f"{PLACED_HEADER}\n{placed}", first=first) if placed else []
+            try:
+                ids = self._chat.message_ids("system", f"{PLACED_HEADER}\n{placed}", first=first) if placed else []
+            except ValueError:  # a template that refuses a system message here: nothing is placed
+                ids, turn.placed = [], []
         else:
             content = f"{PLACED_HEADER}\n{placed}\n\n{turn.prompt}" if placed else turn.prompt
             ids = self._chat.message_ids("user", content, first=first)
         turn.prompt_tokens = len(ids)
         return ids + self._chat.encode(self._chat.generation_prompt)
 
-    def _place(self, query: str, k: int) -> list[MemoryHit]:
-        """Up to ``k`` passages for ``query`` to place before it: scored above the average by the
-        fused search, not among the last ``RECENT_TOKENS`` tokens, within ``config.recall_max_tokens``
-        together."""
-        limit, budget, out = len(self) - RECENT_TOKENS, self.config.recall_max_tokens, []
-        if limit <= 0:
-            return []
-        for h in self._search(query, k + 8, "hybrid"):
-            # above the average fused score: a passage no channel singles out is not worth the tokens
-            if h.score > 0 and h.end <= limit and h.end - h.start <= budget and len(out) < k:
-                budget -= h.end - h.start
-                out.append(MemoryHit(h.text, h.start, h.end, h.score, h.message_index, h.role, ("placed",)))
-        return out
+    def place(self, query: str, k: int | None = None) -> list[MemoryHit]:
+        """The passages recall would place before ``query`` (what ``generate(..., recall=k)`` does
+        for its prompt), best first: up to ``k`` (default ``config.recall_k``) hybrid hits scored
+        above the average, not among the last ``RECENT_TOKENS`` tokens (the model reads those
+        well already), within ``config.recall_max_tokens`` together. Their channel is "placed"."""
+        check_text(query, "query")
+        k = self.config.recall_k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be a non-negative int, got {k!r}")
+        with self._lock:
+            limit, budget, out = len(self) - RECENT_TOKENS, self.config.recall_max_tokens, []
+            if limit <= 0 or k == 0:
+                return []
+            for h in self._search(query, k + 8, "hybrid"):
+                # above the average fused score: a passage no channel singles out is not worth the tokens
+                if h.score > 0 and h.end <= limit and h.end - h.start <= budget and len(out) < k:
+                    budget -= h.end - h.start
+                    out.append(MemoryHit(h.text, h.start, h.end, h.score, h.message_index, h.role, ("placed",)))
+            return out
 
     def _stream(self, turn: _Turn, max_new_tokens: int, stop: list[str], remember: bool, sampling: dict, recall: int, explain: bool):
         with self._lock:
@@ -500,6 +531,8 @@ class ContextMemory:
                 if explain:
                     turn.explanation = Answer(turn.answer, self._attended(trace, n_history, traced), turn.placed)
             except GeneratorExit:  # the caller stopped reading: the turn ends here
+                if explain:
+                    turn.explanation = Answer(turn.answer, self._attended(trace, n_history, traced), turn.placed)
                 self._finish(turn, remember)
                 raise
             except BaseException:
@@ -510,10 +543,13 @@ class ContextMemory:
 
     def _attended(self, trace: torch.Tensor, n_history: int, steps: int) -> list[MemoryHit]:
         """The ``EXPLAIN_K`` passages of the history that received most of the traced attention;
-        score: their share of it (all layers, heads and traced tokens; the rest went to the
-        turn itself, to other passages and to the attention sinks)."""
+        score: their share of it (all layers, heads and traced tokens; the rest went to the turn
+        itself, placed passages included, to other passages and to the attention sinks)."""
         mass = trace[:n_history].clone()
-        mass[: _retrieval.N_SINK] = 0
+        # Attention sinks draw mass whatever is asked: the first few tokens, and once the history
+        # is past the window, the whole init part (every query attends to it, InfLLM's sinks).
+        long = n_history > self.config.n_init + self.config.n_local
+        mass[: self._ctx.layout.init_len if long else _retrieval.N_SINK] = 0
         cum = torch.cat([torch.zeros(1), mass.cumsum(0)])
         total = steps * len(self._ctx.layers) * self._ctx.g.n_heads
         scored = [(float(cum[p.end] - cum[p.start]) / total, p) for p in self._index.passages(0, n_history)]
@@ -544,10 +580,11 @@ class ContextMemory:
         """The ``k`` passages of the history most relevant to ``query``, best first.
 
         A passage is a message, or a piece of at most ``block_size`` tokens of a longer entry.
-        ``mode="hybrid"`` fuses two rankings by reciprocal rank: ``"lexical"`` (BM25 over the
-        passages' words: exact for names, ids, numbers) and ``"attention"`` (the model's own
-        queries for ``query`` against each passage's keys); each hit's ``channels`` says which
-        ranked it in their top ``k``. See :mod:`memory_plugin.retrieval`. The memory is not changed.
+        ``mode="hybrid"`` fuses two rankings (z-scored and summed, see
+        :func:`memory_plugin.retrieval.fuse`): ``"lexical"`` (BM25 over the passages' words: exact
+        for names, ids, numbers) and ``"attention"`` (the model's own queries for ``query`` against
+        each passage's keys); each hit's ``channels`` says which ranked it in their top ``k``. The
+        memory is not changed.
 
         Example:
             >>> [(h.role, h.channels, h.text[:40]) for h in mem.retrieve("database port", k=2)]  # doctest: +SKIP

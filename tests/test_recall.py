@@ -5,6 +5,7 @@ explained answer points at the fact it used."""
 from __future__ import annotations
 
 import doctest
+import json
 
 import pytest
 
@@ -204,6 +205,59 @@ def test_placement_changes_the_input_the_model_sees(tiny_model, tiny_tokenizer):
     seen.clear()
     mem.generate(None, max_new_tokens=1)  # prompt=None: the last message is the query
     assert "MX-51873" in mem.tokenizer.decode(seen[0])
+
+
+def test_place_is_what_a_turn_places_and_recall_query_searches_another_text(tiny_memory):
+    mem = _long_history(tiny_memory)
+    question = "Which ticket did Oriana Vesk close?"
+    hits = mem.place(question, 2)
+    assert hits and "Oriana Vesk" in hits[0].text and all(h.channels == ("placed",) for h in hits)
+    assert mem.place(question, 0) == [] and mem.place("Which ticket?", 2) != hits
+    stream = mem.stream(question, max_new_tokens=2, recall=2)
+    "".join(stream)
+    assert [(h.start, h.end) for h in stream.placed] == [(h.start, h.end) for h in hits]
+    # A formatted prompt that names no memo, searched for the question inside it.
+    formatted = "Answer from the conversation.\nQuestion: what is it?\nAnswer:"
+    stream = mem.stream(formatted, max_new_tokens=2, recall=2, recall_query=question)
+    "".join(stream)
+    assert [(h.start, h.end) for h in stream.placed] == [(h.start, h.end) for h in hits]
+    with pytest.raises(ValueError, match="recall_query"):
+        mem.generate(formatted, recall_query="  ")
+    with pytest.raises(ValueError, match="query"):
+        mem.place("")
+    with pytest.raises(ValueError, match="k must"):
+        mem.place(question, -1)
+
+
+def test_a_template_refusing_a_system_message_mid_conversation_places_nothing(tiny_memory, monkeypatch):
+    from memory_plugin.chat import ChatFormat
+
+    mem = _long_history(tiny_memory)
+    mem.add_message("user", "Which ticket did Oriana Vesk close?")
+    real = ChatFormat.message_ids
+
+    def strict(self, role, content, *, first):
+        if role == "system" and not first:
+            raise ValueError("system messages only come first")
+        return real(self, role, content, first=first)
+
+    monkeypatch.setattr(ChatFormat, "message_ids", strict)
+    ans = mem.generate(None, max_new_tokens=2, recall=2, explain=True)
+    assert ans.placed == [] and isinstance(ans.text, str)
+
+
+def test_a_stream_closed_early_still_explains_what_it_wrote(tiny_memory):
+    mem = _long_history(tiny_memory)
+    before = _state(mem)
+    stream = mem.stream("Which ticket did Oriana Vesk close?", max_new_tokens=16, recall=1, explain=True)
+    first = next(stream)
+    stream.close()
+    ans = stream.explanation
+    assert ans is not None and ans.text == first and ans.placed and ans.attended
+    sources = json.loads(json.dumps(ans.sources()))  # plain data, as adapters put it in metadata
+    assert sources["placed"][0] == {**vars(ans.placed[0]), "channels": ["placed"]}
+    assert [h["start"] for h in sources["attended"]] == [h.start for h in ans.attended]
+    assert _state(mem) == before
 
 
 def test_explain_reports_attended_passages_of_the_history(tiny_memory):

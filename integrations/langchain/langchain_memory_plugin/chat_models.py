@@ -31,8 +31,9 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import Self
 
-from memory_plugin import ContextMemory, ConversationPool, MemoryConfig
+from memory_plugin import Answer, ContextMemory, ConversationPool, MemoryConfig, MemoryHit
 from memory_plugin.chat import ChatFormat
+from memory_plugin.memory import PLACED_HEADER
 from memory_plugin.model import DEFAULT_MODEL_NAME
 
 from ._format import (
@@ -63,6 +64,7 @@ class _Plan:
     schema: dict | None = None  # json_schema output: the reply is this object, generated guided
     json_object: bool = False  # json_mode: the reply starts with "{" and ends where the object closes
     head: str = ""  # continue_final_message: the final assistant message's text, which the reply continues
+    query: str = ""  # the conversation's last message: what recall searches for
 
 
 @dataclass
@@ -75,6 +77,7 @@ class _Done:
     reused_tokens: int
     finish_reason: str
     thread_id: str | None = None
+    memory: dict | None = None  # explain: {"attended": [...], "placed": [...]}
 
 
 class ContextMemoryChatModel(BaseChatModel):
@@ -111,6 +114,14 @@ class ContextMemoryChatModel(BaseChatModel):
             transformers' ``continue_final_message``); the reply holds only the continuation.
             Overridable per call. Completion-style starts such as ``AIMessage("port =")`` get far
             better answers from small models than open questions.
+        recall: passages of the conversation that the memory's hybrid search finds for the last
+            message and places verbatim before the reply (None: the memory config's ``recall_k``;
+            0: none). Overridable per call.
+        explain: when set (or ``explain=True`` per call), the reply's ``response_metadata["memory"]``
+            (the last chunk's, when streaming) is ``{"attended": [...], "placed": [...]}``: the
+            passages of the history the model attended most while writing the reply, and those placed
+            before it, each a dict of ``text``, ``start``/``end`` (token span in the history),
+            ``score``, ``message_index``, ``role`` and ``channels``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -126,6 +137,8 @@ class ContextMemoryChatModel(BaseChatModel):
     stop: list[str] | None = None
     max_conversations: int = Field(default=4, ge=1)
     continue_final_message: bool = False
+    recall: int | None = Field(default=None, ge=0)
+    explain: bool = False
     streaming: bool = False
 
     _pools: dict = PrivateAttr(default_factory=dict)
@@ -269,6 +282,10 @@ class ContextMemoryChatModel(BaseChatModel):
         temperature = float(kwargs.get("temperature", self.temperature))
         top_p = float(kwargs.get("top_p", self.top_p))
         seed = kwargs.get("seed", self.seed)
+        recall = kwargs.get("recall", self.recall)
+        if recall is not None and (isinstance(recall, bool) or not isinstance(recall, int) or recall < 0):
+            raise ValueError(f"recall must be None or a non-negative int, got {recall!r}")
+        explain = bool(kwargs.get("explain", self.explain))
         stops = list(stop if stop is not None else (self.stop or []))
         pool, name = self._pool(kwargs.get("model"))
         plan = self._plan(messages, pool.tokenizer, kwargs, stops)
@@ -277,32 +294,47 @@ class ContextMemoryChatModel(BaseChatModel):
         watcher = JsonObjectEnd() if plan.json_object else None
         with pool.conversation(plan.messages, thread_id=thread_id) as conv:
             mem = conv.memory
+            reused = conv.reused_tokens
+            sampling = dict(temperature=temperature, top_p=top_p, seed=seed)
+            guided = plan.force is not None or plan.schema is not None
+            prefill = "{" if plan.json_object else ""
+            placed: list[MemoryHit] | None = None  # None: the core places (and reports) them itself
             # A continued final assistant message is the start of this turn, written after the
             # template's generation prompt.
             gen_prompt = _generation_prompt(pool.tokenizer) + plan.head
+            if guided or prefill or plan.head:
+                # The turn is written as raw text (chat=False). The core would search that text (a
+                # template fragment) and place its finds as raw text before it: recall is done here
+                # instead, for the last message, as the core does for a chat turn (a system message).
+                placed = mem.place(plan.query, recall) if plan.query.strip() else []
+                header = _placed_message(pool.tokenizer, placed)
+                placed = placed if header else []
+                gen_prompt = header + gen_prompt
             prompt_tokens = len(mem) + len(_encode(pool.tokenizer, gen_prompt))
-            reused = conv.reused_tokens
-            sampling = dict(temperature=temperature, top_p=top_p, seed=seed)
-            if plan.force is not None or plan.schema is not None:
-                guide = _Guide(mem, pool.tokenizer, gen_prompt, max_tokens, sampling)
+            turn = dict(recall=recall if placed is None else 0, explain=explain)
+            answer: Answer | None = None
+            if guided:
+                guide = _Guide(mem, pool.tokenizer, gen_prompt, max_tokens, sampling, explain=explain)
                 if plan.force is not None:
                     reply = guide.tool_call(plan.functions, plan.force or None)
                 else:
                     reply = guide.json_object("", plan.schema)
                 out_tokens = guide.used
+                answer = guide.explanation()
                 yield from parser.feed(reply)
             else:
-                prefill = "{" if plan.json_object else ""
                 if prefill or plan.head:  # the turn's start is given: written as raw text, then continued
                     pieces = mem.stream(
-                        gen_prompt + prefill, max_tokens, chat=False, stop=plan.stop or None, **sampling
+                        gen_prompt + prefill, max_tokens, chat=False, stop=plan.stop or None, **sampling, **turn
                     )
                     prompt_tokens += len(_encode(pool.tokenizer, prefill))
                     if watcher:
                         watcher.feed(prefill)
                     yield from parser.feed(prefill)
                 else:
-                    pieces = mem.stream(None, max_tokens, min_new_tokens=1, stop=plan.stop or None, **sampling)
+                    pieces = mem.stream(
+                        None, max_tokens, min_new_tokens=1, stop=plan.stop or None, **sampling, **turn
+                    )
                 generated = ""
                 with contextlib.closing(pieces):  # stopping early ends the turn and restores the memory
                     for piece in pieces:
@@ -313,8 +345,10 @@ class ContextMemoryChatModel(BaseChatModel):
                         yield from parser.feed(piece)
                         if watcher and watcher.done:
                             break
+                answer = pieces.explanation if explain else None
                 # Re-tokenised, a reply may count a token more or less than generated; never above the cap.
                 out_tokens = min(len(_encode(pool.tokenizer, generated)), max_tokens) if generated else 0
+        memory = _explanation(answer, placed) if explain else None
         yield from parser.finish()
         if out_tokens >= max_tokens and not (watcher and watcher.done):
             reason = "length"
@@ -322,7 +356,7 @@ class ContextMemoryChatModel(BaseChatModel):
             reason = "tool_calls"
         else:
             reason = "stop"
-        yield "done", _Done(name, prompt_tokens, out_tokens, reused, reason, thread_id)
+        yield "done", _Done(name, prompt_tokens, out_tokens, reused, reason, thread_id, memory)
 
     def _plan(self, messages: list[BaseMessage], tokenizer, kwargs: dict, stop: list[str]) -> _Plan:
         functions = [t["function"] for t in kwargs.get("tools") or [] if isinstance(t, dict) and "function" in t]
@@ -341,6 +375,7 @@ class ContextMemoryChatModel(BaseChatModel):
             content = native if native is not None else _join(system, tools_prompt(functions))
         plan = _Plan(to_core_messages(messages, content), stop=list(stop), parse_tools=use_tools and choice != "none")
         plan.head = head
+        plan.query = plan.messages[-1]["content"] if plan.messages else ""
         if use_tools and choice == "none":
             # The tools stay listed (the conversation's prefix, and its memory, stay the same); the
             # model is stopped if it starts a call.
@@ -462,19 +497,40 @@ class _Guide:
     they write JSON; an unparseable value still ends up as an invalid tool call.
     """
 
-    def __init__(self, mem: ContextMemory, tokenizer, gen_prompt: str, budget: int, sampling: dict):
+    def __init__(
+        self, mem: ContextMemory, tokenizer, gen_prompt: str, budget: int, sampling: dict, *, explain: bool = False
+    ):
         self.mem, self.tokenizer, self.gen_prompt = mem, tokenizer, gen_prompt
         self.budget, self.sampling = budget, sampling
         self.used = 0
+        self.explain = explain
+        self.attended: dict[tuple[int, int], MemoryHit] = {}
 
     def _generate(self, text: str, stop: list[str], limit: int) -> str | None:
-        """The model's continuation of the reply ``text``; None when the token budget is spent."""
+        """The model's continuation of the reply ``text``; None when the token budget is spent.
+        ``gen_prompt`` already holds any placed passages: the core places none (recall=0)."""
         n = min(limit, self.budget - self.used)
         if n <= 0:
             return None
-        out = self.mem.generate(self.gen_prompt + text, n, chat=False, stop=stop, **self.sampling)
+        out = self.mem.generate(
+            self.gen_prompt + text, n, chat=False, stop=stop, recall=0, explain=self.explain, **self.sampling
+        )
+        if self.explain:
+            for hit in out.attended:
+                best = self.attended.get((hit.start, hit.end))
+                if best is None or hit.score > best.score:
+                    self.attended[(hit.start, hit.end)] = hit
+            out = out.text
         self.used += max(1, min(n, len(_encode(self.tokenizer, out)))) if out else 1
         return out
+
+    def explanation(self) -> Answer | None:
+        """With ``explain``: the passages any of the guided generations attended most (each with its
+        highest share of a generation's attention), best first."""
+        if not self.explain:
+            return None
+        attended = sorted(self.attended.values(), key=lambda h: -h.score)[:_EXPLAIN_K]
+        return Answer("", attended, [])
 
     def tool_call(self, functions: list[dict], name: str | None) -> str:
         text = TOOL_CALL_OPEN + '\n{"name": "'
@@ -609,19 +665,43 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
-_GEN_PROMPTS: dict[int, str] = {}
+_FORMATS: dict[int, ChatFormat] = {}  # each holds its tokenizer, so the id is not reused
+
+
+def _chat_format(tokenizer) -> ChatFormat:
+    key = id(tokenizer)
+    if key not in _FORMATS:
+        _FORMATS[key] = ChatFormat(tokenizer)
+    return _FORMATS[key]
 
 
 def _generation_prompt(tokenizer) -> str:
     """The text the chat template adds to start the assistant's turn (cached per tokenizer)."""
-    key = id(tokenizer)
-    if key not in _GEN_PROMPTS:
-        _GEN_PROMPTS[key] = ChatFormat(tokenizer).generation_prompt
-    return _GEN_PROMPTS[key]
+    return _chat_format(tokenizer).generation_prompt
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+_EXPLAIN_K = 4  # attended passages reported for a guided reply (the core reports 4 per answer)
+
+
+def _placed_message(tokenizer, placed: list[MemoryHit]) -> str:
+    """The system message the core writes before a chat turn for its placed passages (the best one
+    last, nearest the reply); "" when none, or when the template refuses a system message there."""
+    if not placed:
+        return ""
+    text = "\n".join(h.text for h in reversed(placed))
+    try:
+        return _chat_format(tokenizer).message_text("system", f"{PLACED_HEADER}\n{text}", first=False)
+    except ValueError:
+        return ""
+
+
+def _explanation(answer: Answer, placed: list[MemoryHit] | None) -> dict:
+    """``{"attended": [...], "placed": [...]}``; ``placed``: the passages placed here, not by the core."""
+    return Answer(answer.text, answer.attended, answer.placed if placed is None else placed).sources()
 
 
 def _usage(done: _Done) -> UsageMetadata:
@@ -637,6 +717,8 @@ def _response_metadata(done: _Done) -> dict:
     meta = {"model_name": done.model_name, "finish_reason": done.finish_reason, "reused_tokens": done.reused_tokens}
     if done.thread_id is not None:
         meta["thread_id"] = done.thread_id
+    if done.memory is not None:
+        meta["memory"] = done.memory
     return meta
 
 

@@ -342,3 +342,109 @@ def test_continue_final_message_continues_the_assistant_turn(llm, tiny_memory, f
     assert seen == {"prompt": ChatFormat(tiny_memory.tokenizer).generation_prompt + "The sky is", "chat": False}
     assert tiny_memory.token_ids == fresh_tokens(to_core_messages(asked))  # the prefill is not history
     assert reused(cont) == len(tiny_memory)  # the question before it was already encoded
+
+
+FACT = "Henrietta Vosk keeps the spare keys of the Kelderwick depot."
+LONG = [
+    HumanMessage(FACT),
+    AIMessage("Noted."),
+    *[(HumanMessage, AIMessage)[i % 2](f"Small talk {i}: the grass is green and the sky is blue.") for i in range(70)],
+    HumanMessage("Who keeps the spare keys of the Kelderwick depot?"),
+]
+HIT_KEYS = {"text", "start", "end", "score", "message_index", "role", "channels"}
+
+
+def _hit_dicts(hits) -> list[dict]:
+    # Scores as approx: the pool may encode the conversation in other chunks than add_messages does.
+    return [
+        {"text": h.text, "start": h.start, "end": h.end, "score": pytest.approx(h.score, rel=1e-3, abs=1e-5),
+         "message_index": h.message_index, "role": h.role, "channels": list(h.channels)}
+        for h in hits
+    ]
+
+
+def test_explain_puts_the_attended_and_placed_passages_in_response_metadata(llm, tiny_model, tiny_tokenizer):
+    assert "memory" not in llm.invoke(LONG).response_metadata  # opt-in
+    reference = ContextMemory(tiny_model, tiny_tokenizer, llm.memory.config)
+    reference.add_messages(to_core_messages(LONG))
+    assert len(reference) > 1100  # the fact lies beyond the last ~1k tokens: it is placed
+    expected = reference.generate(None, max_new_tokens=6, min_new_tokens=1, explain=True)
+    reply = llm.invoke(LONG, explain=True)
+    memory = reply.response_metadata["memory"]
+    assert reply.content == expected.text
+    assert memory == {"attended": _hit_dicts(expected.attended), "placed": _hit_dicts(expected.placed)}
+    first = memory["placed"][0]  # a piece of the fact (the tiny tokenizer cuts it into passages)
+    assert first["text"] in FACT and (first["message_index"], first["role"]) == (0, "user")
+    assert all(set(h) == HIT_KEYS and h["channels"] == ["placed"] for h in memory["placed"])
+    assert memory["attended"] and all(set(h) == HIT_KEYS and h["channels"] == ["attended"] for h in memory["attended"])
+    # Streaming: the last chunk carries it; the chunks add up to the same message.
+    chunks = list(ContextMemoryChatModel(memory=llm.memory, max_tokens=6, explain=True).stream(LONG))
+    assert chunks[-1].chunk_position == "last" and chunks[-1].response_metadata["memory"] == memory
+    assert all("memory" not in c.response_metadata for c in chunks[:-1])
+    assert sum(chunks[1:], chunks[0]).response_metadata["memory"] == memory
+    # recall=0: nothing placed, per call or as the field.
+    assert llm.invoke(LONG, explain=True, recall=0).response_metadata["memory"]["placed"] == []
+    no_recall = ContextMemoryChatModel(memory=llm.memory, max_tokens=6, recall=0, explain=True)
+    assert no_recall.invoke(LONG).response_metadata["memory"]["placed"] == []
+    with pytest.raises(ValueError, match="recall"):
+        llm.invoke(LONG, recall=-1)
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """Record what the memory is searched for and what it is asked to continue."""
+    seen = {"searched": [], "streamed": []}
+    retrieve, place, stream = ContextMemory.retrieve, ContextMemory.place, ContextMemory.stream
+
+    def spy_retrieve(self, query, *args, **kwargs):
+        seen["searched"].append(query)
+        return retrieve(self, query, *args, **kwargs)
+
+    def spy_place(self, query, *args, **kwargs):
+        seen["searched"].append(query)
+        return place(self, query, *args, **kwargs)
+
+    def spy_stream(self, prompt, *args, **kwargs):
+        seen["streamed"].append((prompt, kwargs))
+        return stream(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(ContextMemory, "retrieve", spy_retrieve)
+    monkeypatch.setattr(ContextMemory, "place", spy_place)
+    monkeypatch.setattr(ContextMemory, "stream", spy_stream)
+    return seen
+
+
+def test_a_continued_turn_places_what_the_last_message_finds_as_a_chat_turn_does(llm, tiny_memory, spied):
+    question = LONG[-1].content
+    reply = llm.invoke([*LONG, AIMessage("The keys are kept by")], continue_final_message=True, explain=True)
+    # Searched for the question, not for the template text the turn is written as.
+    assert spied["searched"] and set(spied["searched"]) == {question}
+    [(prompt, kwargs)] = spied["streamed"]
+    assert kwargs["recall"] == 0 and kwargs["chat"] is False  # placed here: the core adds nothing more
+    placed = reply.response_metadata["memory"]["placed"]
+    assert placed and placed[0]["text"] in FACT
+    # Written as the core writes them before a chat turn: a system message, then the assistant's turn.
+    fmt = ChatFormat(tiny_memory.tokenizer)
+    passages = "\n".join(h["text"] for h in reversed(placed))
+    header = fmt.message_text("system", f"Earlier in this conversation:\n{passages}", first=False)
+    assert prompt == header + fmt.generation_prompt + "The keys are kept by"
+    assert reply.usage_metadata["input_tokens"] == len(tiny_memory) + len(
+        tiny_memory.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    )
+    assert reply.response_metadata["memory"]["attended"]
+
+
+def test_a_guided_call_places_once_and_explains_what_its_generations_attended(llm, spied):
+    @tool
+    def lookup(person: str) -> str:
+        """Look a person up."""
+        return person
+
+    reply = llm.bind_tools([lookup], tool_choice="lookup").invoke(LONG, max_tokens=8, explain=True)
+    assert len(reply.tool_calls) + len(reply.invalid_tool_calls) == 1
+    assert set(spied["searched"]) == {LONG[-1].content} and len(spied["searched"]) == 1  # searched once
+    memory = reply.response_metadata["memory"]
+    assert memory["placed"] and memory["placed"][0]["text"] in FACT
+    attended = memory["attended"]
+    assert 0 < len(attended) <= 4 and all(h["channels"] == ["attended"] for h in attended)
+    assert [h["score"] for h in attended] == sorted((h["score"] for h in attended), reverse=True)

@@ -92,10 +92,31 @@ def test_retriever_returns_spans_as_documents_with_their_source(filled):
             "score": hit.score,
             "message_index": hit.message_index,
             "role": hit.role,
+            "channels": list(hit.channels),
         }
         entry = filled.entries[hit.message_index]
-        assert entry.start <= hit.start < entry.end and entry.role == hit.role
+        assert entry.start <= hit.start < hit.end <= entry.end and entry.role == hit.role  # within one message
+        assert set(doc.metadata["channels"]) <= {"lexical", "attention"} and doc.metadata["channels"]
     assert [d.metadata["score"] for d in docs] == sorted((d.metadata["score"] for d in docs), reverse=True)
+    # The tool result is found by its words ("pass", "key"): first, and by the lexical channel.
+    assert docs[0].metadata["role"] == "tool" and "lexical" in docs[0].metadata["channels"]
+    assert docs[0].page_content == "The pass key is 12345. Remember it."
+
+
+def test_retriever_mode_field_and_per_call(filled):
+    query = "What is the pass key?"
+    lexical = ContextMemoryRetriever(memory=filled, k=3, mode="lexical").invoke(query)
+    assert [d.page_content for d in lexical] == ["The pass key is 12345. Remember it."]  # only it holds the words
+    assert lexical[0].metadata["channels"] == ["lexical"]
+    retriever = ContextMemoryRetriever(memory=filled, k=3)
+    assert retriever.mode == "hybrid"
+    attention = retriever.invoke(query, mode="attention")
+    assert [(d.page_content, d.metadata["score"]) for d in attention] == [
+        (h.text, h.score) for h in filled.retrieve(query, k=3, mode="attention")
+    ]
+    assert all(d.metadata["channels"] == ["attention"] for d in attention)
+    with pytest.raises(ValueError):
+        ContextMemoryRetriever(memory=filled, mode="vector")
 
 
 async def test_retriever_k_per_call_and_async(filled):
@@ -103,4 +124,6 @@ async def test_retriever_k_per_call_and_async(filled):
     assert len(retriever.invoke("grass", k=1)) == 1 and len(retriever.invoke("grass")) == 4
     docs = await retriever.ainvoke("pass key", k=2)
     assert [d.page_content for d in docs] == [h.text for h in filled.retrieve("pass key", k=2)]
+    docs = await retriever.ainvoke("pass key", k=2, mode="lexical")
+    assert [d.metadata["channels"] for d in docs] == [["lexical"]]
     assert ContextMemoryRetriever(memory=ContextMemory(filled.model, filled.tokenizer)).invoke("x") == []

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TypeVar
 
 from llama_index.core.base.llms.types import ChatMessage, TextBlock, ToolCallBlock
+
 
 T = TypeVar("T")
 
@@ -54,20 +54,6 @@ def to_memory_messages(messages: Sequence[ChatMessage]) -> list[dict]:
         text = message_text(m)
         if text.strip():
             out.append({"role": _ROLES.get(role, "user"), "content": text})
-    return out
-
-
-def entry_overlaps(entries, start: int, end: int) -> list[tuple[int, int, int]]:
-    """``(entry index, a, b)`` for every entry overlapping the token span ``[start, end)``, with
-    ``[a, b)`` the overlap. ``entries`` are :class:`memory_plugin.Entry`, in history order."""
-    starts = [e.start for e in entries]
-    i = max(0, bisect.bisect_right(starts, start) - 1)
-    out = []
-    while i < len(entries) and entries[i].start < end:
-        a, b = max(start, entries[i].start), min(end, entries[i].end)
-        if a < b:
-            out.append((i, a, b))
-        i += 1
     return out
 
 

@@ -50,7 +50,17 @@ class ContextMemoryLLM(CustomLLM):
       much better than chat questions.
 
     Per-call keyword arguments: ``max_new_tokens`` (or ``max_tokens``), ``temperature``, ``top_p``,
-    ``stop``, ``seed``, ``thread_id`` (chat only). Async methods run the model on a worker thread.
+    ``stop``, ``seed``, ``recall``, ``explain``, ``thread_id`` (chat only). Async methods run the
+    model on a worker thread.
+
+    Recall: before each chat reply the passages of the conversation that the memory's hybrid search
+    finds for the last message are placed verbatim before it (``recall``: how many, default the
+    memory config's ``recall_k``; 0: none). With ``explain=True`` a response's
+    ``additional_kwargs["memory"]`` is ``{"attended": [...], "placed": [...]}``: the passages the
+    model attended most while writing the reply and the placed ones, each a dict of ``text``,
+    ``start``, ``end`` (token span in the history), ``score``, ``message_index``, ``role`` and
+    ``channels``. When streaming, a last response with an empty ``delta`` carries it (it is known
+    once the reply is complete).
 
     Example:
         >>> llm = ContextMemoryLLM.from_pretrained()  # doctest: +SKIP
@@ -64,6 +74,12 @@ class ContextMemoryLLM(CustomLLM):
     stop: list[str] | None = Field(default=None, description="Strings that end a reply (not included).")
     context_window: int = Field(default=MEMORY_CONTEXT_WINDOW, gt=0, description="See MEMORY_CONTEXT_WINDOW.")
     model_name: str = Field(default="unknown")
+    recall: int | None = Field(
+        default=None, ge=0, description="Passages placed before the last message (None: the config's recall_k)."
+    )
+    explain: bool = Field(
+        default=False, description='additional_kwargs["memory"]: the passages attended and placed for a reply.'
+    )
 
     _pool: ConversationPool = PrivateAttr()
     _scratch: ContextMemory = PrivateAttr()
@@ -137,54 +153,52 @@ class ContextMemoryLLM(CustomLLM):
     # ------------------------------------------------------------------------------- completion
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        text = "".join(self._complete_pieces(prompt, formatted, kwargs))
-        return CompletionResponse(text=text)
+        return _last(self._completion_responses(prompt, formatted, kwargs))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        pieces = self._complete_pieces(prompt, formatted, kwargs)
-
-        def gen() -> CompletionResponseGen:
-            text = ""
-            try:
-                for piece in pieces:
-                    text += piece
-                    yield CompletionResponse(text=text, delta=piece)
-            finally:
-                pieces.close()
-
-        return gen()
+        return self._completion_responses(prompt, formatted, kwargs, stream=True)
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        text = await asyncio.to_thread(lambda: "".join(self._complete_pieces(prompt, formatted, kwargs)))
-        return CompletionResponse(text=text)
+        return await asyncio.to_thread(lambda: _last(self._completion_responses(prompt, formatted, kwargs)))
 
     @llm_completion_callback()
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
         async def gen() -> CompletionResponseAsyncGen:
-            text = ""
-            async for piece in iterate_in_thread(lambda: self._complete_pieces(prompt, formatted, kwargs)):
-                text += piece
-                yield CompletionResponse(text=text, delta=piece)
+            responses = lambda: self._completion_responses(prompt, formatted, kwargs, stream=True)  # noqa: E731
+            async for response in iterate_in_thread(responses):
+                yield response
 
         return gen()
 
-    def _complete_pieces(self, prompt: str, formatted: bool, kwargs: dict) -> Iterator[str]:
+    def _completion_responses(self, prompt: str, formatted: bool, kwargs: dict, stream: bool = False):
+        """Completion responses as the text grows (``stream``), or only the final one. Completions
+        start from an empty history, so nothing is placed and nothing earlier is attended."""
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
         opts, _ = self._options(kwargs)
-        return self._scratch.stream(prompt, chat=False, **opts)
+        pieces = self._scratch.stream(prompt, chat=False, **opts)
+        text = ""
+        try:
+            for piece in pieces:
+                text += piece
+                if stream:
+                    yield CompletionResponse(text=text, delta=piece)
+        finally:
+            pieces.close()
+        extra = {"memory": pieces.explanation.sources()} if opts.get("explain") else {}
+        if not stream:
+            yield CompletionResponse(text=text, additional_kwargs=extra)
+        elif extra:
+            yield CompletionResponse(text=text, delta="", additional_kwargs=extra)
 
     # ------------------------------------------------------------------------------------- chat
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        out = None
-        for out in self._chat_responses(messages, kwargs):
-            pass
-        return out
+        return _last(self._chat_responses(messages, kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -192,13 +206,7 @@ class ContextMemoryLLM(CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        def run():
-            out = None
-            for out in self._chat_responses(messages, kwargs):
-                pass
-            return out
-
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(lambda: _last(self._chat_responses(messages, kwargs)))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -230,15 +238,18 @@ class ContextMemoryLLM(CustomLLM):
                         yield self._chat_response(text, piece, usage)
             finally:
                 pieces.close()
+            extra = {"memory": pieces.explanation.sources()} if opts.get("explain") else {}
             if not stream:
-                yield self._chat_response(text, text, usage)
+                yield self._chat_response(text, text, {**usage, **extra})
+            elif extra:
+                yield self._chat_response(text, "", {**usage, **extra})
 
     @staticmethod
-    def _chat_response(text: str, delta: str, usage: dict) -> ChatResponse:
+    def _chat_response(text: str, delta: str, extra: dict) -> ChatResponse:
         return ChatResponse(
             message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
             delta=delta,
-            additional_kwargs=dict(usage),
+            additional_kwargs=dict(extra),
         )
 
     def _options(self, kwargs: dict) -> tuple[dict, str | None]:
@@ -251,5 +262,14 @@ class ContextMemoryLLM(CustomLLM):
             "top_p": kwargs.pop("top_p", self.top_p),
             "stop": kwargs.pop("stop", self.stop),
             "seed": kwargs.pop("seed", None),
+            "recall": kwargs.pop("recall", self.recall),
+            "explain": bool(kwargs.pop("explain", self.explain)),
         }
         return opts, thread_id
+
+
+def _last(responses: Iterator[Any]) -> Any:
+    out = None
+    for out in responses:
+        pass
+    return out

@@ -1,9 +1,10 @@
 """``ContextMemoryQueryEngine``: a LlamaIndex query engine that answers by attention over a whole corpus.
 
 The corpus is encoded once into a :class:`memory_plugin.ContextMemory`; every query is continued
-from it, so the model itself finds what it needs among all the tokens (no chunk retrieval, no
-re-reading). The blocks the memory's attention finds most relevant to the query are returned as the
-response's ``source_nodes``.
+from it, so the model itself attends over all the tokens (no re-reading). The passages the memory's
+hybrid search (:meth:`ContextMemory.retrieve`: BM25 over the passages' words fused with the model's
+attention ranking) finds for the query are returned as the response's ``source_nodes``, and the best
+of them are also placed verbatim before the question (the core's recall, ``MemoryConfig.recall_k``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from llama_index.core.schema import (
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 from tqdm.auto import tqdm
 
-from memory_plugin import ContextMemory, MemoryConfig
+from memory_plugin import ContextMemory, MemoryConfig, MemoryHit
 
-from ._common import entry_overlaps, iterate_in_thread
+from ._common import iterate_in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ DEFAULT_PROMPT_TEMPLATE = "\n\nQuestion: {query_str}\nAnswer:"
 A 135M model answers this far more reliably than a chat turn. A query that already holds the start
 of its answer ("What is the pass key? The pass key is") works best with ``prompt_template="\\n{query_str}"``."""
 DEFAULT_STOP = ("\n\n", "\nQuestion:")
+CHANNELS_KEY = "memory_channels"
+"""Source-node metadata key: the search channels that ranked the passage in their top k."""
 SEPARATOR = "\n\n"
 """Appended to each node's text when it is ingested, so documents do not run into each other."""
 PERSIST_FORMAT = 1
@@ -65,17 +68,28 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
     encoded once (one memory entry per node, in order). A query is appended to the memory (by
     ``prompt_template``, completion-style by default) and answered; the memory is left unchanged.
 
-    ``response.source_nodes`` are the memory blocks that the memory's own relevance (the scores that
-    pick blocks for attention) ranks highest for the same prompt text that is answered: one
-    :class:`NodeWithScore` per (block, node) overlap, whose node has the original node's id, metadata
-    and relationships, the overlapped text, and ``start_char_idx``/``end_char_idx`` into the original
-    node's text (``original.text[start:end] == source.node.text``).
+    ``response.source_nodes`` are the ``similarity_top_k`` passages that the memory's hybrid search
+    (:meth:`ContextMemory.retrieve`: BM25 over the passages' words fused with the model's own
+    attention ranking) finds for the query string itself (not the formatted prompt). A passage is a
+    whole node, or a piece of at most ``block_size`` tokens of a longer one cut at sentence ends. Each
+    becomes a :class:`NodeWithScore` (score: the fused score) whose node has the original node's id,
+    metadata and relationships, the passage's text, and ``start_char_idx``/``end_char_idx`` into the
+    original node's text (``original.text[start:end] == source.node.text``); its metadata also holds
+    ``memory_channels``, the channels (``"lexical"``, ``"attention"``) that ranked it in their top
+    ``similarity_top_k`` (left out of what the LLM and embeddings see).
+
+    The answer is generated with the best passages for the query string placed verbatim before the
+    prompt (the core's recall: at most ``recall`` of them, default ``MemoryConfig.recall_k``, only
+    from outside the last ~1k tokens, which the model reads well anyway).
 
     Args:
         memory: the memory to hold the corpus. Empty: ``nodes`` are ingested into it. Not empty: it
             must already hold exactly ``nodes`` as ingested by this class (e.g. a loaded memory).
         nodes: the corpus, in order. Nodes with no text are skipped.
-        similarity_top_k: memory blocks returned as source nodes.
+        similarity_top_k: passages returned as source nodes.
+        mode: how source nodes are searched: "hybrid" (default), "lexical" or "attention" (see
+            :meth:`ContextMemory.retrieve`).
+        recall: passages placed before the prompt (None: the memory's ``config.recall_k``; 0: none).
         max_new_tokens, temperature, stop: generation settings (greedy by default).
         prompt_template: how a query is appended; must contain ``{query_str}``.
         chat: False (default) appends the prompt as raw text and continues it; True asks it as a
@@ -95,6 +109,8 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
         nodes: Sequence[BaseNode],
         *,
         similarity_top_k: int = 4,
+        mode: str = "hybrid",
+        recall: int | None = None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         stop: Sequence[str] | None = DEFAULT_STOP,
@@ -110,9 +126,15 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
             raise ValueError("prompt_template must contain {query_str}")
         if isinstance(similarity_top_k, bool) or not isinstance(similarity_top_k, int) or similarity_top_k < 0:
             raise ValueError(f"similarity_top_k must be a non-negative int, got {similarity_top_k!r}")
+        if mode not in ("hybrid", "lexical", "attention"):
+            raise ValueError(f"mode must be 'hybrid', 'lexical' or 'attention', got {mode!r}")
+        if recall is not None and (isinstance(recall, bool) or not isinstance(recall, int) or recall < 0):
+            raise ValueError(f"recall must be None or a non-negative int, got {recall!r}")
         super().__init__(callback_manager=callback_manager)
         self._memory = memory
         self.similarity_top_k = similarity_top_k
+        self.mode = mode
+        self.recall = recall
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.stop = list(stop or [])
@@ -208,27 +230,43 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
 
     # ------------------------------------------------------------------------------------- queries
     def format_prompt(self, query_str: str) -> str:
-        """The text appended to the memory for ``query_str`` (answered and used for retrieval)."""
+        """The text appended to the memory for ``query_str`` and answered (the search uses
+        ``query_str`` itself)."""
         return self.prompt_template.format(query_str=query_str)
 
     def retrieve(self, query_bundle: QueryBundle | str) -> list[NodeWithScore]:
         """The source nodes a query would get, without answering it."""
         if isinstance(query_bundle, str):
             query_bundle = QueryBundle(query_bundle)
-        return self._retrieve(self.format_prompt(query_bundle.query_str))
+        return self._retrieve(query_bundle.query_str)
 
-    def _retrieve(self, prompt: str) -> list[NodeWithScore]:
-        with self.callback_manager.event(CBEventType.RETRIEVE, payload={EventPayload.QUERY_STR: prompt}) as ev:
-            mem = self._memory
-            entries = mem.entries
+    def _retrieve(self, query_str: str) -> list[NodeWithScore]:
+        with self.callback_manager.event(CBEventType.RETRIEVE, payload={EventPayload.QUERY_STR: query_str}) as ev:
             out = []
-            for hit in mem.retrieve(prompt, k=self.similarity_top_k):
-                for i, a, b in entry_overlaps(entries, hit.start, hit.end):
-                    node = self._source_node(i, entries[i], a, b)
-                    if node is not None:
-                        out.append(NodeWithScore(node=node, score=hit.score))
+            if self.similarity_top_k and query_str.strip():
+                for hit in self._memory.retrieve(query_str, k=self.similarity_top_k, mode=self.mode):
+                    source = self._source(hit)
+                    if source is not None:
+                        out.append(source)
             ev.on_end(payload={EventPayload.NODES: out})
         return out
+
+    def _source(self, hit: MemoryHit) -> NodeWithScore | None:
+        """The hit's passage as a part of the node it lies in (one memory entry per node)."""
+        i = hit.message_index
+        entries = self._memory.entries
+        if i is None or not 0 <= i < min(len(entries), len(self._nodes)):
+            return None
+        entry = entries[i]
+        a, b = max(hit.start, entry.start), min(hit.end, entry.end)
+        node = self._source_node(i, entry, a, b) if a < b else None
+        if node is None:
+            return None
+        node.metadata[CHANNELS_KEY] = list(hit.channels)
+        for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
+            if CHANNELS_KEY not in excluded:
+                excluded.append(CHANNELS_KEY)
+        return NodeWithScore(node=node, score=hit.score)
 
     def _source_node(self, i: int, entry, a: int, b: int) -> TextNode | None:
         """The part of node ``i`` that history tokens ``[a, b)`` cover, as a node pointing back to it."""
@@ -247,6 +285,10 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
             c0, c1 = min(c0, len(text)), min(c1, len(text))  # the separator is not part of the node
         if not text[c0:c1].strip():
             return None
+        while text[c0].isspace():  # cite the passage's text, not the whitespace around it
+            c0 += 1
+        while text[c1 - 1].isspace():
+            c1 -= 1
         relationships = dict(src.relationships)
         if NodeRelationship.SOURCE not in relationships and isinstance(src, Document):
             relationships[NodeRelationship.SOURCE] = src.as_related_node_info()
@@ -279,26 +321,30 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
             self._offsets[i] = offsets
         return self._offsets[i]
 
-    def _generate(self, prompt: str) -> Iterator[str]:
+    def _generate(self, query_str: str) -> Iterator[str]:
+        # Recall searches for the user's query, not the formatted prompt ("Question: ... Answer:").
         pieces = self._memory.stream(
-            prompt,
+            self.format_prompt(query_str),
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             stop=self.stop,
             chat=self.chat,
+            recall=self.recall,
+            recall_query=query_str,
         )
         return _lstrip_pieces(pieces)
 
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
-        prompt = self.format_prompt(query_bundle.query_str)
+        query_str = query_bundle.query_str
         t0 = time.perf_counter()
-        sources = self._retrieve(prompt)
+        sources = self._retrieve(query_str)
         meta = {"retrieve_seconds": time.perf_counter() - t0, "memory_tokens": len(self._memory)}
         if self.streaming:
-            return StreamingResponse(response_gen=self._generate(prompt), source_nodes=sources, metadata=meta)
+            return StreamingResponse(response_gen=self._generate(query_str), source_nodes=sources, metadata=meta)
+        prompt = self.format_prompt(query_str)
         with self.callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: prompt}) as ev:
             t1 = time.perf_counter()
-            text = "".join(self._generate(prompt))
+            text = "".join(self._generate(query_str))
             meta["generate_seconds"] = time.perf_counter() - t1
             response = Response(text, source_nodes=sources, metadata=meta)
             ev.on_end(payload={EventPayload.RESPONSE: response})
@@ -308,11 +354,11 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
         # The model runs on a worker thread so the event loop stays free.
         if not self.streaming:
             return await asyncio.to_thread(self._query, query_bundle)
-        prompt = self.format_prompt(query_bundle.query_str)
+        query_str = query_bundle.query_str
         t0 = time.perf_counter()
-        sources = await asyncio.to_thread(self._retrieve, prompt)
+        sources = await asyncio.to_thread(self._retrieve, query_str)
         meta = {"retrieve_seconds": time.perf_counter() - t0, "memory_tokens": len(self._memory)}
-        gen = iterate_in_thread(lambda: self._generate(prompt))
+        gen = iterate_in_thread(lambda: self._generate(query_str))
         return AsyncStreamingResponse(response_gen=gen, source_nodes=sources, metadata=meta)
 
     # --------------------------------------------------------------------------------- persistence
@@ -394,6 +440,8 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
     def _settings(self) -> dict:
         return {
             "similarity_top_k": self.similarity_top_k,
+            "mode": self.mode,
+            "recall": self.recall,
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "stop": self.stop,

@@ -126,3 +126,66 @@ async def test_async_methods_match_the_sync_ones(llm):
     assert "".join(c.delta for c in chunks) == llm.complete(prompt).text
     chat_chunks = [c async for c in await llm.astream_chat(CONV)]
     assert len(chat_chunks) > 1 and chat_chunks[-1].message.content == llm.chat(CONV).message.content
+
+
+FACT = "Henrietta Vosk keeps the spare keys of the Kelderwick depot."
+LONG = [
+    {"role": "user", "content": FACT},
+    {"role": "assistant", "content": "Noted."},
+    *[{"role": ("user", "assistant")[i % 2], "content": f"Small talk {i}: the grass is green and the sky is blue."}
+      for i in range(70)],
+    {"role": "user", "content": "Who keeps the spare keys of the Kelderwick depot?"},
+]
+KEYS = {"text", "start", "end", "score", "message_index", "role", "channels"}
+
+
+def _hits(answer_hits) -> list[dict]:
+    # Scores as approx: the pool encodes the conversation in other chunks than add_messages does.
+    return [
+        {"text": h.text, "start": h.start, "end": h.end, "score": pytest.approx(h.score, rel=1e-3, abs=1e-5),
+         "message_index": h.message_index, "role": h.role, "channels": list(h.channels)}
+        for h in answer_hits
+    ]
+
+
+def test_explain_puts_the_attended_and_placed_passages_in_additional_kwargs(llm, new_tiny_memory):
+    messages = [ChatMessage(role=m["role"], content=m["content"]) for m in LONG]
+    assert "memory" not in llm.chat(messages).additional_kwargs  # opt-in
+    reference = new_tiny_memory()
+    reference.add_messages(LONG)
+    assert len(reference) > 1100  # the fact lies beyond the last ~1k tokens: it is placed
+    expected = reference.generate(None, max_new_tokens=8, explain=True)
+    reply = llm.chat(messages, explain=True)
+    memory = reply.additional_kwargs["memory"]
+    assert reply.message.content == expected.text
+    assert memory == {"attended": _hits(expected.attended), "placed": _hits(expected.placed)}
+    # Placed first: a piece of the fact (the tiny tokenizer cuts it into several passages).
+    first = memory["placed"][0]
+    assert first["text"] in FACT and (first["message_index"], first["role"]) == (0, "user")
+    assert all(set(h) == KEYS and h["channels"] == ["placed"] for h in memory["placed"])
+    assert memory["attended"] and all(set(h) == KEYS and h["channels"] == ["attended"] for h in memory["attended"])
+    # Streaming: a last response with an empty delta carries it, once the reply is complete.
+    chunks = list(llm.stream_chat(messages, explain=True))
+    assert "".join(c.delta for c in chunks) == expected.text and chunks[-1].delta == ""
+    assert chunks[-1].additional_kwargs["memory"] == memory
+    assert all("memory" not in c.additional_kwargs for c in chunks[:-1])
+    # recall=0: nothing placed, per call or as the field.
+    assert llm.chat(messages, explain=True, recall=0).additional_kwargs["memory"]["placed"] == []
+    assert ContextMemoryLLM(model=llm.pool.model, tokenizer=llm.pool.tokenizer, config=llm.pool.config, recall=0,
+                            explain=True, **GEN).chat(messages).additional_kwargs["memory"]["placed"] == []
+
+
+@pytest.mark.asyncio
+async def test_explain_reaches_async_and_completion_responses(tiny_model, tiny_tokenizer, tiny_memory):
+    llm = ContextMemoryLLM(model=tiny_model, tokenizer=tiny_tokenizer, config=tiny_memory.config, explain=True, **GEN)
+    messages = [ChatMessage(role=m["role"], content=m["content"]) for m in LONG]
+    sync = llm.chat(messages).additional_kwargs["memory"]
+    assert (await llm.achat(messages)).additional_kwargs["memory"] == sync
+    chunks = [c async for c in await llm.astream_chat(messages)]
+    assert chunks[-1].additional_kwargs["memory"] == sync and chunks[-1].delta == ""
+    # A completion starts from an empty history: nothing placed, nothing earlier to attend.
+    done = llm.complete("The sky is")
+    assert done.additional_kwargs["memory"] == {"attended": [], "placed": []}
+    streamed = [c async for c in await llm.astream_complete("The sky is")]
+    assert streamed[-1].additional_kwargs["memory"] == {"attended": [], "placed": []}
+    assert "".join(c.delta for c in streamed) == done.text

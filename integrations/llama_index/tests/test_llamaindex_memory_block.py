@@ -25,10 +25,6 @@ HISTORY = [
 ]
 
 
-def _overlapped(mem, hit):
-    return [i for i, e in enumerate(mem.entries) if e.start < hit.end and hit.start < e.end]
-
-
 @pytest.mark.asyncio
 async def test_put_encodes_the_messages_and_get_returns_the_retrieved_ones(tiny_memory):
     block = ContextMemoryBlock(memory=tiny_memory, similarity_top_k=2)
@@ -38,7 +34,7 @@ async def test_put_encodes_the_messages_and_get_returns_the_retrieved_ones(tiny_
     query = [ChatMessage(role="user", content="What is my locker code?")]
     text = await block.aget(query)
     hits = tiny_memory.retrieve("What is my locker code?", k=2)
-    expected = sorted({i for h in hits for i in _overlapped(tiny_memory, h)})
+    expected = sorted({h.message_index for h in hits})  # a passage lies in one message
     entries = tiny_memory.entries
     lines = [line for line in text.split("\n") if line != "..."]
     assert lines == [f"{entries[i].role}: {entries[i].content}" for i in expected]
@@ -53,7 +49,22 @@ async def test_long_messages_come_back_as_the_retrieved_part_only(tiny_memory):
     text = await block.aget([ChatMessage(role="user", content="What is the pass key?")])
     assert text.startswith("tool: ") and len(text) < len(long) / 4
     hit = tiny_memory.retrieve("What is the pass key?", k=1)[0]
-    assert hit.text.strip().replace("tool\n", "") in text
+    assert text == f"tool: ... {hit.text} ..." and hit.text in long  # a passage of the message, cut at sentences
+
+
+@pytest.mark.asyncio
+async def test_the_hybrid_search_finds_a_fact_by_its_words_and_mode_is_passed_on(tiny_memory):
+    block = ContextMemoryBlock(memory=tiny_memory, similarity_top_k=1)
+    await block.aput(HISTORY)
+    query = [ChatMessage(role="user", content="Which locker code did I give you?")]
+    [hit] = tiny_memory.retrieve("Which locker code did I give you?", k=1)
+    assert hit.message_index in (0, 1) and "lexical" in hit.channels  # "locker", "code": said only there
+    assert await block.aget(query) == f"{hit.role}: {HISTORY[hit.message_index].content}"
+    lexical = ContextMemoryBlock(memory=tiny_memory, similarity_top_k=5, mode="lexical")
+    lines = (await lexical.aget(query)).split("\n")
+    assert lines == [f"user: {FACT}", "assistant: Noted, your locker code is stored."]  # only those hold its words
+    with pytest.raises(ValueError):
+        ContextMemoryBlock(memory=tiny_memory, mode="vector")
 
 
 @pytest.mark.asyncio

@@ -1,4 +1,5 @@
-"""ContextMemoryQueryEngine on the tiny random model: source-node mapping, streaming, async, persistence."""
+"""ContextMemoryQueryEngine on the tiny random model: source nodes from the hybrid search mapped back to
+nodes, recall placement searched by the query string, streaming, async, persistence."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pytest
 from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
 from llama_index.core.node_parser import SentenceSplitter
-from llama_index.core.schema import Document, TextNode
+from llama_index.core.schema import Document, MetadataMode, TextNode
 
 from llama_index_memory_plugin import ContextMemoryQueryEngine
 from memory_plugin import ContextMemory
@@ -50,37 +51,122 @@ def test_each_node_is_one_entry_and_the_memory_holds_the_whole_corpus(engine, ti
     assert [n.node_id for n in engine.nodes] == [d.doc_id for d in docs]
 
 
-def test_source_nodes_are_the_retrieved_blocks_mapped_back_to_node_ids_and_character_spans(engine, tiny_memory):
+def test_source_nodes_are_the_hybrid_hits_mapped_back_to_node_ids_and_character_spans(engine, tiny_memory):
     docs = {d.doc_id: d for d in _docs()}
     response = engine.query(QUESTION)
     assert isinstance(response, Response) and response.source_nodes
-    hits = tiny_memory.retrieve(engine.format_prompt(QUESTION), k=SETTINGS["similarity_top_k"])
-    hit_text = {round(h.score, 6): h.text for h in hits}
-    for s in response.source_nodes:
+    # The query string itself is searched, not the prompt it is answered with.
+    hits = tiny_memory.retrieve(QUESTION, k=SETTINGS["similarity_top_k"])
+    assert len(response.source_nodes) == len(hits)
+    for s, hit in zip(response.source_nodes, hits):
         original = docs[s.node.node_id]
-        assert original.text[s.node.start_char_idx : s.node.end_char_idx] == s.node.text
-        assert s.node.metadata == original.metadata and s.node.ref_doc_id == original.doc_id
-        # The cited text is what the retrieved block holds (a block may span two documents).
-        assert s.node.text in hit_text[round(s.score, 6)]
+        assert s.node.node_id == engine.nodes[hit.message_index].node_id  # one memory entry per node
+        assert original.text[s.node.start_char_idx : s.node.end_char_idx] == s.node.text == hit.text
+        assert s.score == hit.score and s.node.ref_doc_id == original.doc_id
+        assert s.node.metadata == {**original.metadata, "memory_channels": list(hit.channels)}
+        assert "memory_channels" not in s.node.get_content(metadata_mode=MetadataMode.LLM)
+        assert "memory_channels" not in s.node.get_content(metadata_mode=MetadataMode.EMBED)
     assert [s.score for s in response.source_nodes] == sorted((s.score for s in response.source_nodes), reverse=True)
-    assert {round(s.score, 6) for s in response.source_nodes} <= set(hit_text)
+    # The fact's document is found by its words; the rest by the attention channel.
+    assert response.source_nodes[0].node.node_id == "doc-5"
+    assert "lexical" in response.source_nodes[0].node.metadata["memory_channels"]
+    assert all(s.node.metadata["memory_channels"] for s in response.source_nodes)
 
 
-def test_with_every_block_retrieved_the_citations_cover_every_document_exactly(tiny_memory):
+def test_with_every_passage_retrieved_the_citations_cover_every_document_exactly(tiny_memory):
     docs = _docs()
     engine = ContextMemoryQueryEngine.from_documents(docs, tiny_memory, **{**SETTINGS, "similarity_top_k": 1000})
     sources = engine.retrieve(QUESTION)
-    covered = {d.doc_id: [False] * len(d.text) for d in docs}
+    covered = {d.doc_id: [0] * len(d.text) for d in docs}
     for s in sources:
         for c in range(s.node.start_char_idx, s.node.end_char_idx):
-            covered[s.node.node_id][c] = True
-    # Every character is cited (whitespace alone is not worth citing).
-    assert all(f or d.text[c].isspace() for d in docs for c, f in enumerate(covered[d.doc_id]))
-    # Blocks are 16 tokens and cut without regard to documents: some block is cited in two nodes.
-    per_block = {}
+            covered[s.node.node_id][c] += 1
+    # Every character is cited once (whitespace between passages is not worth citing).
+    assert all(n == 1 or (n == 0 and d.text[c].isspace()) for d in docs for c, n in enumerate(covered[d.doc_id]))
+    # Documents longer than a block (16 tokens) are cut into several passages at sentence ends.
+    per_doc = {}
     for s in sources:
-        per_block.setdefault(s.score, set()).add(s.node.node_id)
-    assert any(len(ids) > 1 for ids in per_block.values())
+        per_doc[s.node.node_id] = per_doc.get(s.node.node_id, 0) + 1
+        assert s.node.text.endswith(".")
+    assert max(per_doc.values()) > 1 and len(sources) == len(tiny_memory.retrieve(QUESTION, k=1000))
+
+
+MEMO = "Memo: Henrietta Vosk and Bartholomew Quince signed the Zephyrine accord at Kelderwick."
+NAMED_QUESTION = "What did Henrietta Vosk and Bartholomew Quince sign?"
+
+
+def _memo_docs(n_filler: int, at: int, repeat: int = 1) -> list[Document]:
+    filler = [
+        Document(text=f"Chapter {i}. " + "The grass is green. The sky is blue. Here we go. " * repeat, id_=f"doc-{i}")
+        for i in range(n_filler)
+    ]
+    return [*filler[:at], Document(text=MEMO, id_="memo", metadata={"kind": "memo"}), *filler[at:]]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "lexical"])
+def test_a_memo_with_rare_names_is_the_first_source_node_when_asked_by_them(tiny_memory, mode):
+    engine = ContextMemoryQueryEngine.from_documents(_memo_docs(20, 7), tiny_memory, mode=mode, **SETTINGS)
+    sources = engine.retrieve(NAMED_QUESTION)
+    first = sources[0]  # a passage of the memo (the tiny tokenizer cuts it into several)
+    assert first.node.node_id == "memo" and first.node.text in MEMO and "Vosk" in first.node.text
+    assert MEMO[first.node.start_char_idx : first.node.end_char_idx] == first.node.text
+    assert first.node.metadata == {"kind": "memo", "memory_channels": first.node.metadata["memory_channels"]}
+    assert "lexical" in first.node.metadata["memory_channels"]
+    assert [s.node.node_id for s in engine.query(NAMED_QUESTION).source_nodes] == [s.node.node_id for s in sources]
+    if mode == "lexical":  # only passages holding a word of the question: pieces of the memo
+        assert {s.node.node_id for s in sources} == {"memo"}
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """Record what the memory is searched for and what it is asked to answer."""
+    seen = {"searched": [], "streamed": []}
+    retrieve, place, stream = ContextMemory.retrieve, ContextMemory.place, ContextMemory.stream
+
+    def spy_retrieve(self, query, *args, **kwargs):
+        seen["searched"].append(query)
+        return retrieve(self, query, *args, **kwargs)
+
+    def spy_place(self, query, *args, **kwargs):
+        seen["searched"].append(query)
+        return place(self, query, *args, **kwargs)
+
+    def spy_stream(self, prompt, *args, **kwargs):
+        pieces = stream(self, prompt, *args, **kwargs)
+        seen["streamed"].append((prompt, kwargs, pieces))
+        return pieces
+
+    monkeypatch.setattr(ContextMemory, "retrieve", spy_retrieve)
+    monkeypatch.setattr(ContextMemory, "place", spy_place)
+    monkeypatch.setattr(ContextMemory, "stream", spy_stream)
+    return seen
+
+
+def test_placed_passages_are_searched_by_the_query_string_not_the_formatted_prompt(tiny_memory, spied):
+    # The memo far back (beyond the last ~1k tokens, which the core never places) in a long corpus.
+    engine = ContextMemoryQueryEngine.from_documents(_memo_docs(16, 2, repeat=5), tiny_memory, **SETTINGS)
+    assert len(tiny_memory) - tiny_memory.entries[2].end > 1024
+    before = tiny_memory.token_ids
+    formatted = engine.format_prompt(NAMED_QUESTION)
+    for chat in (False, True):
+        engine.chat = chat
+        spied["searched"].clear()
+        spied["streamed"].clear()
+        response = engine.query(NAMED_QUESTION)
+        assert spied["searched"] and set(spied["searched"]) == {NAMED_QUESTION}  # never the formatted prompt
+        [(prompt, kwargs, pieces)] = spied["streamed"]
+        assert prompt == formatted and kwargs["chat"] is chat and kwargs["recall_query"] == NAMED_QUESTION
+        # Pieces of the memo, the best one ("Henrietta Vosk and") first.
+        placed = pieces.placed
+        assert placed and placed[0].text.rstrip().endswith("Henrietta Vosk and")
+        assert any("Quince signed the" in h.text for h in placed)
+        assert response.source_nodes[0].node.node_id == "memo"
+        assert tiny_memory.token_ids == before  # placed passages are never stored
+
+    spied["streamed"].clear()
+    engine.chat, engine.recall = False, 0
+    engine.query(NAMED_QUESTION)
+    assert spied["streamed"][0][2].placed == []
 
 
 def test_the_query_leaves_the_memory_unchanged(engine, tiny_memory):
