@@ -1,6 +1,7 @@
 """Recall of facts with rare names and numbers planted in natural text (the Python documentation
 topics of pydoc_data, shipped with CPython), on the embedded model: full attention,
-ContextMemory as it is (recall=0) and ContextMemory with hybrid search + placement (recall=3),
+ContextMemory as it is (recall=0) and ContextMemory with hybrid search + placement (recall=k for
+each ``--recall`` k: the passages placed before the question),
 asked as a chat question and as a completion prompt, against the model's own ceiling (each fact
 alone in ~1k tokens of the same prose, full attention).
 
@@ -8,7 +9,7 @@ One history per length holds all the facts, at depths 0.05..0.95; contextmemory 
 its memory (only ``recall`` differs). A question is correct when its expected number is in the
 answer.
 
-    python benchmarks/recall.py --lengths 4096 16384 65536 --out benchmarks/results/recall
+    python benchmarks/recall.py --lengths 4096 16384 65536 --recall 1 3 --out benchmarks/results/recall
 """
 
 from __future__ import annotations
@@ -140,17 +141,22 @@ def ingest(mem, pieces) -> tuple[list[float], float]:
     return [w / len(mem) for w in where], time.perf_counter() - t
 
 
+def recall_of(method: str) -> int:
+    """Passages placed for a method: "hybrid@3" places 3, "contextmemory" none."""
+    return int(method.split("@")[1]) if method.startswith("hybrid@") else 0
+
+
 def ask(mem, method: str, fact: dict, style: str) -> dict:
     kw = dict(STYLES[style])
     if method != "full":  # FullAttention has no recall
-        kw["recall"] = 3 if method == "hybrid" else 0
+        kw["recall"] = recall_of(method)
     t = time.perf_counter()
     answer = mem.generate(fact["question"] if style == "chat" else fact["prompt"], **kw)
     secs = time.perf_counter() - t
     if style == "completion":
         answer = next((line for line in answer.split("\n") if line.strip()), "")
     row = {"style": style, "answer": answer, "correct": fact["answer"] in answer, "seconds": round(secs, 3)}
-    if method == "hybrid":  # untimed: is the fact among the top-3 hybrid passages for this query?
+    if method.startswith("hybrid"):  # untimed: is the fact among the top-3 hybrid passages for this query?
         hits = mem.retrieve(fact["question"] if style == "chat" else fact["prompt"], k=3)
         row["fact_in_top3"] = any(fact["answer"] in h.text for h in hits)
     return row
@@ -171,7 +177,8 @@ def run(a) -> dict:
 
     model, tok = load_model()
     facts = make_facts(a.facts, a.seed)
-    res = {"seed": a.seed, "facts": facts, "lengths": a.lengths, "methods": a.methods, "cells": []}
+    methods = [m for m in a.methods if m != "hybrid"] + ([f"hybrid@{k}" for k in a.recall] if "hybrid" in a.methods else [])
+    res = {"seed": a.seed, "facts": facts, "lengths": a.lengths, "methods": methods, "cells": []}
     if "ceiling" in a.methods:
         docs, rows, t_ing = prose(tok, CEILING_TOKENS - 40), [], 0.0
         for f in facts:
@@ -186,7 +193,7 @@ def run(a) -> dict:
     for length in a.lengths:
         pieces = plant(tok, prose(tok, length - sum(n_tokens(tok, f["fact"]) + 2 for f in facts)), facts, depths(len(facts)))
         groups = [["full"]] if "full" in a.methods and length <= FULL_MAX_LENGTH else []
-        groups += [[m for m in ("contextmemory", "hybrid") if m in a.methods]]
+        groups += [[m for m in methods if m == "contextmemory" or m.startswith("hybrid")]]
         for group in filter(None, groups):
             mem = build(group[0], model, tok)
             where, t_ing = ingest(mem, pieces)
@@ -220,12 +227,13 @@ def report(res: dict) -> str:
         top3 = sum(r.get("fact_in_top3", False) for r in c["rows"])
         lines.append(f"| {c['method']} | {c['tokens']} | {c['chat']['correct']}/{n} | {pct(c, 'chat')} | "
                      f"{c['completion']['correct']}/{n} | {pct(c, 'completion')} | {c['s_per_turn']:.2f} | "
-                     f"{c['ingest_s']:.0f} | {f'{top3}/{2 * n}' if c['method'] == 'hybrid' else '-'} |")
+                     f"{c['ingest_s']:.0f} | {f'{top3}/{2 * n}' if c['method'].startswith('hybrid') else '-'} |")
     by = {(c["method"], c["length"]): c for c in cells}
-    cost = [f"{length}: {by[('hybrid', length)]['s_per_turn'] / by[('contextmemory', length)]['s_per_turn']:.2f}x"
-            for length in res["lengths"] if ("hybrid", length) in by and ("contextmemory", length) in by]
+    cost = [f"{m} at {length}: {by[(m, length)]['s_per_turn'] / by[('contextmemory', length)]['s_per_turn']:.2f}x"
+            for length in res["lengths"] for m in res["methods"]
+            if m.startswith("hybrid") and (m, length) in by and ("contextmemory", length) in by]
     if cost:
-        lines += ["", "Turn time of placement (hybrid / contextmemory s/turn): " + ", ".join(cost)]
+        lines += ["", "Turn time of placement (s/turn against contextmemory's): " + ", ".join(cost)]
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +242,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--facts", type=int, default=10, choices=range(1, len(TEMPLATES) + 1), metavar="N")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recall", type=int, nargs="+", default=[1, 3], help="passages placed, one hybrid run per value")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/recall"))
     a = p.parse_args()
