@@ -128,6 +128,7 @@ class _Turn:
     query: str | None = None  # what recall searches for (None: the prompt, else the last message)
     checkpoint: dict = field(default_factory=dict)
     placed: list = field(default_factory=list)  # MemoryHits placed before the prompt (recall)
+    placed_at: list = field(default_factory=list)  # their token spans in the turn's input, (0, 0) if not found
     explanation: Answer | None = None
 
 
@@ -458,6 +459,7 @@ class ContextMemory:
             text = turn.prompt if not placed else f"\n{placed}\n{turn.prompt.lstrip(chr(10))}"
             ids = self._first_ids(self._chat.encode(text))
             turn.prompt_tokens = len(ids)
+            turn.placed_at = self._placed_at(ids, turn.placed)
             return ids
         first = len(self) == 0
         if turn.prompt is None:
@@ -469,7 +471,17 @@ class ContextMemory:
             content = f"{PLACED_HEADER}\n{placed}\n\n{turn.prompt}" if placed else turn.prompt
             ids = self._chat.message_ids("user", content, first=first)
         turn.prompt_tokens = len(ids)
+        turn.placed_at = self._placed_at(ids, turn.placed)
         return ids + self._chat.encode(self._chat.generation_prompt)
+
+    def _placed_at(self, ids: list[int], placed: list[MemoryHit]) -> list[tuple[int, int]]:
+        """Where each placed passage's tokens lie in the turn's input ids."""
+        out = []
+        for h in placed:
+            sub = self._chat.encode(h.text)
+            at = _locate(ids, sub)
+            out.append((at, at + len(sub)) if at >= 0 else (0, 0))
+        return out
 
     def place(self, query: str, k: int | None = None) -> list[MemoryHit]:
         """The passages recall would place before ``query`` (what ``generate(..., recall=k)`` does
@@ -529,10 +541,10 @@ class ContextMemory:
                     turn.answer += tail
                     yield tail
                 if explain:
-                    turn.explanation = Answer(turn.answer, self._attended(trace, n_history, traced), turn.placed)
+                    turn.explanation = Answer(turn.answer, self._attended(trace, n_history, traced, turn), turn.placed)
             except GeneratorExit:  # the caller stopped reading: the turn ends here
                 if explain:
-                    turn.explanation = Answer(turn.answer, self._attended(trace, n_history, traced), turn.placed)
+                    turn.explanation = Answer(turn.answer, self._attended(trace, n_history, traced, turn), turn.placed)
                 self._finish(turn, remember)
                 raise
             except BaseException:
@@ -541,10 +553,11 @@ class ContextMemory:
             else:
                 self._finish(turn, remember)
 
-    def _attended(self, trace: torch.Tensor, n_history: int, steps: int) -> list[MemoryHit]:
-        """The ``EXPLAIN_K`` passages of the history that received most of the traced attention;
-        score: their share of it (all layers, heads and traced tokens; the rest went to the turn
-        itself, placed passages included, to other passages and to the attention sinks)."""
+    def _attended(self, trace: torch.Tensor, n_history: int, steps: int, turn: _Turn) -> list[MemoryHit]:
+        """The ``EXPLAIN_K`` passages of the history that received most of the traced attention,
+        in the memory or as a placed copy in the turn; score: their share of it (all layers, heads
+        and traced tokens; the rest went to the turn's own text, to other passages and to the
+        attention sinks)."""
         mass = trace[:n_history].clone()
         # Attention sinks draw mass whatever is asked: the first few tokens, and once the history
         # is past the window, the whole init part (every query attends to it, InfLLM's sinks).
@@ -552,9 +565,12 @@ class ContextMemory:
         mass[: self._ctx.layout.init_len if long else _retrieval.N_SINK] = 0
         cum = torch.cat([torch.zeros(1), mass.cumsum(0)])
         total = steps * len(self._ctx.layers) * self._ctx.g.n_heads
-        scored = [(float(cum[p.end] - cum[p.start]) / total, p) for p in self._index.passages(0, n_history)]
-        scored.sort(key=lambda x: -x[0])
-        return [self._hit(p, s, ("attended",)) for s, p in scored[:EXPLAIN_K] if s > 0]
+        scores = {(p.start, p.end): [float(cum[p.end] - cum[p.start]), p] for p in self._index.passages(0, n_history)}
+        for h, (a, b) in zip(turn.placed, turn.placed_at):  # a placed copy counts for its original
+            if (h.start, h.end) in scores:
+                scores[h.start, h.end][0] += float(trace[n_history + a : n_history + b].sum())
+        scored = sorted(scores.values(), key=lambda x: -x[0])
+        return [self._hit(p, s / total, ("attended",)) for s, p in scored[:EXPLAIN_K] if s > 0]
 
     def _finish(self, turn: _Turn, remember: bool) -> None:
         """Restore the memory after a turn, or store the turn as history."""

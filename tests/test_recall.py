@@ -291,3 +291,5 @@ def test_real_model_explained_answer_points_at_the_fact_it_used(real_model):
     placed = mem.generate("What is the asset tag of the backup generator in the Quillfeather annex?", 24, explain=True)
     assert "58213" in placed.placed[0].text
     assert "58213" in placed.text
+    # The answer read the fact from its placed copy: that counts for the fact's span in the history.
+    assert any("58213" in h.text and h.start == placed.placed[0].start for h in placed.attended)
