@@ -434,8 +434,8 @@ class ContextMemory:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if isinstance(stop, str):
             stop = [stop]
-        if stop is not None and not all(isinstance(s, str) for s in stop):
-            raise TypeError("stop must be a list of str")
+        if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
+            raise TypeError(f"stop must be a str or a list of str, got {stop!r}")
         if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be a non-negative int, got {min_new_tokens!r}")
         recall = self.config.recall_k if recall is None else recall
@@ -683,6 +683,8 @@ class ContextMemory:
 
     def uncram(self, vectors: MemoryVectors) -> str:
         """The text greedy decoding reproduces from ``vectors`` alone (refuses another model's vectors)."""
+        if not isinstance(vectors, MemoryVectors):
+            raise TypeError(f"vectors must be MemoryVectors (from cram), got {type(vectors).__name__}")
         return self.tokenizer.decode(_vectors.decode(self.model, vectors), skip_special_tokens=False)
 
     def archive(self, older_than_tokens: int | None = None) -> int:
@@ -766,6 +768,8 @@ class ContextMemory:
         at a time: a second ``open`` of the same directory raises
         :class:`~memory_plugin.persistence.MemoryLockedError`. Close with :meth:`close` or ``with``."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"path {path} is a file: a durable memory is a directory")
         path.mkdir(parents=True, exist_ok=True)
         lock = _p.DirLock(path)
         try:
