@@ -258,7 +258,8 @@ def return_freed_memory_to_os() -> bool:
     buffers come from heap arenas that keep their pages after ``free``: with a RAM budget the
     process then grew by ~420 MB beyond the blocks it held at 8k tokens (BENCHMARKS.md, durable
     memory). A fixed threshold keeps every buffer above it in its own mapping, unmapped on free.
-    Process-wide, so it is only set when a budget is asked for.
+    Process-wide, so it is never a side effect of building a store: :class:`ContextMemory` calls
+    it when its config sets a budget; call it yourself for a bare :class:`BlockStore` with one.
     """
     name = ctypes.util.find_library("c")
     try:
@@ -396,9 +397,7 @@ class BlockStore:
             else None
         )
         self.disk = ShardSet(spill_dir) if spill_dir is not None else None
-        self.resident_budget = resident_budget
-        if resident_budget is not None:
-            return_freed_memory_to_os()
+        self.resident_budget = resident_budget  # the allocator is the memory's to tune (return_freed_memory_to_os)
         self.persisted = 0  # blocks [0, persisted) are on disk
         self._clean: OrderedDict[tuple[int, int], int] = OrderedDict()  # resident on-disk blocks, LRU
         self._resident = 0  # bytes of encoded block KV held in RAM

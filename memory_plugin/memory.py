@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .archive import ColdTier
+from .blocks import return_freed_memory_to_os
 from .chat import ChatFormat, StreamDecoder, check_message, check_text
 from .config import MemoryConfig
 from .lexical import LexicalIndex, Passage, cut
@@ -182,6 +183,9 @@ class ContextMemory:
         self._lock = threading.RLock()
         self._durable: _p.Durable | None = None
         self._spill_dir = _spill_dir
+        if self.config.max_resident_bytes is not None:
+            # A RAM budget needs freed block buffers to leave the process (process-wide, set once here).
+            return_freed_memory_to_os()
         if _spill_dir is None and self.config.max_resident_bytes is not None:
             # Blocks beyond the RAM budget need somewhere to go: a private temporary directory.
             self._spill_dir = Path(tempfile.mkdtemp(prefix="memory_plugin-"))
