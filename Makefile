@@ -50,7 +50,9 @@ bench: venv
 	$(PY) benchmarks/passkey.py perf --methods contextmemory --set topk=8 --dtype float32 --lengths 2048 8192 32768 65536 --out benchmarks/results/perf-bf16/float32
 	$(PY) benchmarks/passkey.py one --method contextmemory --set topk=8 --dtype bfloat16 --length 16384 --depths 10 --seeds 1 --json benchmarks/results/passkey-bf16/contextmemory-16384.json
 	$(PY) benchmarks/attention_paths.py
-	$(PY) benchmarks/retrieval.py
+	$(PY) benchmarks/retrieval.py --threads 1 --sets abc --real-scale 10000 --scale 10000 100000 --out benchmarks/results/retrieval --name quality
+	$(PY) benchmarks/retrieval.py --threads 1 --sets none --real-scale 10000 100000 --scale 10000 100000 1000000 --out benchmarks/results/retrieval --name scale
+	$(PY) benchmarks/recall.py --lengths 4096 16384 65536 --recall 1 3 --out benchmarks/results/recall
 	$(PY) benchmarks/probes.py
 	$(PY) benchmarks/persistence.py --tokens 32768 --budget-mb 700
 	$(PY) benchmarks/profile_memory.py --length 12000 --threads 1
