@@ -172,10 +172,16 @@ class LexicalIndex:
     def passages(self, lo: int = 0, hi: int | None = None) -> list[Passage]:
         """Passages overlapping tokens ``[lo, hi)``, in history order."""
         hi = (1 << 62) if hi is None else hi
+        # Passages tile the history in id order, so the overlap is an id range found by two lookups
+        # on the ``end`` index: bounded only by ``end > lo``, SQLite read every later passage.
+        first = self.db.execute("SELECT id FROM passages WHERE end > ? ORDER BY end, id LIMIT 1", (lo,)).fetchone()
+        if first is None:
+            return []
+        last = self.db.execute("SELECT id FROM passages WHERE end >= ? ORDER BY end, id LIMIT 1", (hi,)).fetchone()
         rows = self.db.execute(
             "SELECT p.entry, p.start, p.end, f.text FROM passages p JOIN passages_fts f ON f.rowid = p.id "
-            "WHERE p.end > ? AND p.start < ? ORDER BY p.id",
-            (lo, hi),
+            "WHERE p.id BETWEEN ? AND ? AND p.end > ? AND p.start < ? ORDER BY p.id",
+            (first[0], last[0] if last else 1 << 62, lo, hi),
         ).fetchall()
         return [Passage(*r) for r in rows]
 

@@ -56,6 +56,26 @@ def test_lexical_index_truncate_sync_and_search():
     assert [p.start for p in ix.passages(0, 100)] == [0]
 
 
+def test_passages_in_a_range_match_a_scan_of_every_passage():
+    import random
+
+    rng, ix, pos, every = random.Random(0), LexicalIndex(), 0, []
+    for e in range(300):
+        ps = []
+        for _ in range(rng.randint(1, 4)):
+            pos += rng.randint(0, 3)  # gaps: template tokens between messages
+            n = rng.randint(1, 128)
+            ps.append(Passage(e, pos, pos + n, f"word{e}"))
+            pos += n
+        ix.add([(e, f"doc{e}", ps)])
+        every += ps
+    for _ in range(500):
+        lo = rng.randint(-5, pos + 5)
+        hi = rng.choice([None, lo + rng.randint(0, 600)])
+        top = pos + 1000 if hi is None else hi
+        assert ix.passages(lo, hi) == [p for p in every if p.end > lo and p.start < top]
+
+
 @pytest.fixture
 def tiny_memory(tiny_model, tiny_tokenizer):
     """Blocks of 128 tokens: a memo is one passage."""
