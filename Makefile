@@ -27,6 +27,7 @@ demo: venv
 	$(PY) examples/demo.py
 
 test: venv
+	$(VENV)/bin/lint-imports  # the core's layers (pyproject.toml): no import cycle, no upward import
 	$(PY) -m pytest -q tests integrations/llama_index/tests integrations/langchain/tests
 
 # The figures of docs/BENCHMARKS.md (about three hours on 2 CPU cores; each command is in that file).

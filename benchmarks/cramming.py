@@ -116,14 +116,14 @@ def cold(model, tok, n_facts: int, max_steps: int) -> list[dict]:
         key = passkey(500 + f)
         mem = ContextMemory(model, tok, cfg)
         mem.add_text(FILLER * (2 + f) + f"\nThe vault code is {key}.\n" + FILLER * 20)
-        block = next(b for b in range(mem.stats().blocks) if key in tok.decode(mem.token_ids[slice(*mem._ctx.block_span(b))]))
+        block = next(b for b in range(mem.stats().blocks) if key in tok.decode(mem.token_ids[slice(*mem._engine.ctx.block_span(b))]))
         question = "\nThe vault code is"
         row = {"key": key, "kv": mem.generate(question, max_new_tokens=6, chat=False)}
         t = time.perf_counter()
-        row["crammed"] = mem._cold.archive(0, only={block}) == 1
+        row["crammed"] = mem._engine.cold.archive(0, only={block}) == 1
         row["cram_seconds"] = time.perf_counter() - t
         for mode in ("rehydrate", "gist", "drop"):
-            mem._ctx.store.cold_mode = mode  # benchmark only: the mode is a config field
+            mem._engine.ctx.store.cold_mode = mode  # benchmark only: the mode is a config field
             row[mode] = mem.generate(question, max_new_tokens=6, chat=False) if row["crammed"] else None
         rows.append(row)
         print(json.dumps(row), flush=True)

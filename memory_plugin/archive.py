@@ -19,7 +19,9 @@ Token ids are kept either way (4 bytes a token, they are the durable log), so no
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 
 import torch
 
@@ -28,11 +30,23 @@ from .blocks import ColdBlock
 from .vectors import FAST_RECIPE, Recipe, cram_many
 
 
-class ColdTier:
-    """Archiving and rehydration for one :class:`~memory_plugin.ContextMemory`."""
+_RUNNING: weakref.WeakSet = weakref.WeakSet()  # tiers whose worker thread was started
 
-    def __init__(self, mem):
-        self.mem = mem
+
+@atexit.register
+def _stop_workers() -> None:
+    """At interpreter exit, stop every worker between two cramming steps: a daemon thread killed
+    inside a torch kernel aborts the process ("terminate called without an active exception")."""
+    for tier in list(_RUNNING):
+        tier.close()
+
+
+class ColdTier:
+    """Archiving and rehydration for one memory's :class:`~memory_plugin.engine.Engine` (its
+    ``config``, ``ctx``, ``lock``, ``model`` and ``forward``)."""
+
+    def __init__(self, engine):
+        self.engine = engine
         self.failed: set[tuple[int, tuple[int, ...]]] = set()  # (block, its tokens) that did not cram exactly
         self.rehydrations = 0
         self.decode_mismatches = 0
@@ -44,40 +58,46 @@ class ColdTier:
     # ------------------------------------------------------------------------ wiring
     def attach(self, ctx) -> None:
         """Connect a (new) context's block store to this tier."""
-        ctx.store.cold_mode = self.mem.config.archive_mode
+        ctx.store.cold_mode = self.engine.config.archive_mode
         ctx.store.rehydrate = self._rehydrate
-        ctx.store.max_rehydrated = max(2 * self.mem.config.topk, 8)
+        ctx.store.max_rehydrated = max(2 * self.engine.config.topk, 8)
 
     def notify(self) -> None:
         """New history was added: wake the background worker if archiving is on."""
-        if self.mem.config.archive_after_tokens is None:
+        if self.engine.config.archive_after_tokens is None:
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="memory-plugin-archiver", daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Ask the worker to stop after the batch it is cramming (does not wait for it)."""
+        self._stop = True
         self._wake.set()
 
     def close(self) -> None:
-        self._stop = True
-        self._wake.set()
+        self.stop()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        _RUNNING.discard(self)
 
     def wait(self) -> None:
         """Block until the worker has nothing left to archive (for tests and benchmarks)."""
         while True:
             with self._busy:
-                if not self._candidates(self.mem.config.archive_after_tokens or 0):
+                if not self._candidates(self.engine.config.archive_after_tokens or 0):
                     return
             self._wake.set()
             threading.Event().wait(0.05)
 
     # ------------------------------------------------------------------------ archiving
     def _candidates(self, older_than: int) -> list[int]:
-        mem = self.mem
-        ctx = mem._ctx
-        horizon = len(mem) - older_than
+        engine = self.engine
+        ctx = engine.ctx
+        horizon = len(engine) - older_than
         out = []
         for b in range(len(ctx.store)):
             a, e = ctx.block_span(b)
@@ -92,19 +112,24 @@ class ColdTier:
     ) -> int:
         """Cram blocks whose tokens are all older than ``older_than`` tokens (``only``: just these
         block ids); returns how many went cold."""
-        cfg = self.mem.config
+        cfg = self.engine.config
         with self._busy:
-            with self.mem._lock:
+            with self.engine.lock:
                 blocks = [b for b in self._candidates(older_than) if only is None or b in only][:limit]
-                ctx = self.mem._ctx
+                ctx = self.engine.ctx
                 segs = [ctx.tokens[slice(*ctx.block_span(b))] for b in blocks]
             if not blocks:
                 return 0
             # No lock while optimising: ingestion and answering go on meanwhile.
-            results = cram_many(self.mem.model, segs, cfg.archive_vectors, max_steps=cfg.archive_max_steps, recipe=recipe)
+            results = cram_many(
+                self.engine.model, segs, cfg.archive_vectors, max_steps=cfg.archive_max_steps, recipe=recipe,
+                should_stop=lambda: self._stop,
+            )
+            if self._stop:
+                return 0  # stopped mid-batch: unfinished blocks are not failures, just not archived
             done = 0
-            with self.mem._lock:
-                ctx = self.mem._ctx
+            with self.engine.lock:
+                ctx = self.engine.ctx
                 for b, seg, vecs in zip(blocks, segs, results):
                     if b >= len(ctx.store) or ctx.tokens[slice(*ctx.block_span(b))] != seg:
                         continue  # rolled back or reset meanwhile
@@ -117,7 +142,7 @@ class ColdTier:
             return done
 
     def _run(self) -> None:
-        cfg = self.mem.config
+        cfg = self.engine.config
         while not self._stop:
             self._wake.wait()
             self._wake.clear()
@@ -126,7 +151,7 @@ class ColdTier:
 
     # ------------------------------------------------------------------------ bringing back
     def _positions(self, n: int):
-        cos, sin = self.mem._forward.rope_tables(n + 1)
+        cos, sin = self.engine.forward.rope_tables(n + 1)
         return cos, sin
 
     def _unrotate(self, keys: torch.Tensor, actual: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -137,28 +162,28 @@ class ColdTier:
 
     def _targets(self, n: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         actual = torch.arange(offset, offset + n)
-        ordered = self.mem.config.block_positions == "ordered"
+        ordered = self.engine.config.block_positions == "ordered"
         return actual, (torch.arange(n) if ordered else torch.zeros(n, dtype=torch.long))
 
     @torch.inference_mode()
     def _forward_kv(self, embeds: torch.Tensor):
         from transformers import DynamicCache
 
-        model = self.mem.model
+        model = self.engine.model
         cache = DynamicCache(config=model.config)
         out = model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True)
         return out.logits[0], [(layer.keys[0], layer.values[0]) for layer in cache.layers]
 
     def _rehydrate(self, b: int) -> list[torch.Tensor]:
         """KV of cold block ``b`` for every layer, recomputed with its vectors as context."""
-        mem = self.mem
-        ctx = mem._ctx
+        engine = self.engine
+        ctx = engine.ctx
         a, e = ctx.block_span(b)
-        tokens = torch.tensor(ctx.tokens[a:e], device=mem.model.device)
-        vecs = ctx.store.cold[b].vectors.tensor.to(mem.model.device, mem._forward.dtype)
+        tokens = torch.tensor(ctx.tokens[a:e], device=engine.model.device)
+        vecs = ctx.store.cold[b].vectors.tensor.to(engine.model.device, engine.forward.dtype)
         k, n = vecs.shape[0], len(tokens)
         with torch.inference_mode():
-            embeds = torch.cat([vecs, mem._forward.embed(tokens)])
+            embeds = torch.cat([vecs, engine.forward.embed(tokens)])
         logits, layers = self._forward_kv(embeds)
         if not torch.equal(logits[k - 1 : k - 1 + n].argmax(-1), tokens):
             self.decode_mismatches += 1  # the KV still comes from the true tokens (kept in the log)
@@ -168,7 +193,7 @@ class ColdTier:
 
     def _gist(self, vectors: torch.Tensor) -> list[torch.Tensor]:
         """KV of the vectors themselves, per layer, placed like the first tokens of a block."""
-        vecs = vectors.to(self.mem.model.device, self.mem._forward.dtype)
+        vecs = vectors.to(self.engine.model.device, self.engine.forward.dtype)
         _, layers = self._forward_kv(vecs)
         actual, target = self._targets(vecs.shape[0], 0)
         return [torch.stack((self._unrotate(kk, actual, target), vv)) for kk, vv in layers]

@@ -89,6 +89,44 @@ def cut(text: str, offsets: Sequence[tuple[int, int]], max_tokens: int) -> list[
     return out
 
 
+def entry_passages(i: int, entry, ids: Sequence[int], tokenizer, max_tokens: int) -> list[Passage]:
+    """Entry number ``i`` (a :class:`~memory_plugin.history.Entry` whose tokens are ``ids``) as
+    passages of at most ``max_tokens`` tokens: a short entry is one passage, its whole span."""
+    n = entry.end - entry.start
+    if n <= max_tokens:
+        return [Passage(i, entry.start, entry.end, entry.content.strip())]
+    enc = tokenizer(entry.content, add_special_tokens=False, return_offsets_mapping=True)
+    cids, offsets = enc["input_ids"], enc["offset_mapping"]
+    # Where the content's tokens sit among the entry's (after a BOS or template header). If the
+    # template tokenised them differently, positions are mapped proportionally.
+    lead, scale = locate(ids, cids), 1.0
+    if lead < 0:
+        lead, scale = 0, n / max(1, len(cids))
+    pieces = cut(entry.content, offsets, max_tokens)
+    out = []
+    for j, (a, b, text) in enumerate(pieces):
+        t0 = entry.start if j == 0 else entry.start + lead + round(a * scale)
+        t1 = entry.end if j == len(pieces) - 1 else entry.start + lead + round(b * scale)
+        out.append(Passage(i, t0, t1, text))
+    return out
+
+
+def locate(ids: Sequence[int], sub: Sequence[int]) -> int:
+    """Where ``sub`` (a text's tokens) starts in ``ids`` (an entry's tokens), allowing its first
+    token or two to have merged with what precedes it; -1 when it is not there.
+
+    >>> locate([1, 2, 3, 4, 5], [9, 3, 4])  # 9 merged with what came before it
+    1
+    """
+    sub, ids = list(sub), list(ids)
+    for skip in range(min(3, len(sub))):
+        probe = sub[skip : skip + 8]
+        for at in range(skip, len(ids) - len(sub) + skip + 1):
+            if ids[at : at + len(probe)] == probe:
+                return at - skip
+    return -1
+
+
 class LexicalIndex:
     """Passages of a memory's entries in an FTS5 table (porter-stemmed words, BM25 ranking).
 

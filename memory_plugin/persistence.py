@@ -8,6 +8,7 @@ A memory directory holds::
                            committed before add_* returns: the durable record of the history
     state-<n>.safetensors  init tokens, local window and attention mass at the snapshot
     blocks-*.safetensors   KV and representative keys of memory blocks, append-only shards
+    index.sqlite           the lexical index of the entries (derived: repaired from the log on open)
     LOCK                   held (flock) by the process that has the memory open for writing
 
 Loading takes the snapshot and shards named by the manifest and re-encodes the log entries that
@@ -20,14 +21,20 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
 
-from .blocks import ShardInfo, atomic_write, write_safetensors
+from .blocks import ShardInfo, ShardSet, atomic_write, write_safetensors
+from .config import MemoryConfig
+from .history import spans
+from .lexical import LexicalIndex
+from .loading import model_fingerprint  # noqa: F401  (its old home: re-exported)
 
 FORMAT_VERSION = 1
 # Config fields added after format 1 was first written, with the value that reproduces how a memory
@@ -36,6 +43,7 @@ _CONFIG_BEFORE_FIELD = {"relevance": "dot"}
 MANIFEST = "manifest.json"
 LOG = "log.sqlite"
 LOCK = "LOCK"
+INDEX = "index.sqlite"  # the lexical index (derived from the log; rebuilt if stale)
 
 
 class MemoryFormatError(ValueError):
@@ -44,21 +52,6 @@ class MemoryFormatError(ValueError):
 
 class MemoryLockedError(RuntimeError):
     """Another process has this memory directory open for writing."""
-
-
-def model_fingerprint(model, tokenizer) -> str:
-    """A hash of what makes KV blocks meaningful: architecture, sizes, tokenizer and weights
-    (embeddings and the first attention projections; enough to tell models apart quickly)."""
-    cfg = model.config
-    h = hashlib.sha256()
-    fields = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-    h.update(json.dumps({f: getattr(cfg, f, None) for f in fields}, sort_keys=True).encode())
-    h.update(json.dumps(getattr(cfg, "rope_parameters", None), sort_keys=True, default=str).encode())
-    h.update(str(len(tokenizer)).encode())
-    attn = model.model.layers[0].self_attn
-    for t in (model.model.embed_tokens.weight, attn.q_proj.weight, attn.k_proj.weight):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 class DirLock:
@@ -250,33 +243,34 @@ def _unique(prefix: str) -> str:
 
 
 class Durable:
-    """Keeps an open memory directory in step with its :class:`~memory_plugin.ContextMemory`:
-    entries go to the log before ``add_*`` returns; snapshots follow every few thousand tokens."""
+    """Keeps an open memory directory in step with the memory's context and history: entries go
+    to the log before ``add_*`` returns; snapshots follow every few thousand tokens."""
 
     def __init__(
-        self, directory: Path, lock: DirLock, fingerprint: str, model_name: str, every: int = SNAPSHOT_EVERY_TOKENS
+        self, directory: Path, lock: DirLock, fingerprint: str, model_name: str, config, every: int = SNAPSHOT_EVERY_TOKENS
     ):
         if every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {every}")
         self.every = every
         self.dir = Path(directory)
         self.lock = lock
-        self.fingerprint, self.model_name = fingerprint, model_name
+        self.fingerprint, self.model_name, self.config = fingerprint, model_name, config
         self.log = MemoryLog(self.dir / LOG)
         self.manifest: Manifest | None = None
 
     def record(self, rows: list[tuple[str | None, str, list[int]]]) -> None:
         self.log.append(rows)
 
-    def maybe_snapshot(self, mem) -> None:
+    def maybe_snapshot(self, ctx, history) -> None:
         done = self.manifest.n_tokens if self.manifest else 0
-        if len(mem) - done >= self.every or len(mem) < done:
-            self.snapshot(mem)
+        n = ctx.layout.n_tokens
+        if n - done >= self.every or n < done:
+            self.snapshot(ctx, history)
 
-    def snapshot(self, mem) -> None:
-        """Make the directory describe ``mem`` exactly as it is now."""
-        self.manifest = write_snapshot(self.dir, mem, self.fingerprint, self.model_name)
-        collect_garbage(self.dir, self.manifest, mem._ctx.store)
+    def snapshot(self, ctx, history) -> None:
+        """Make the directory describe the memory exactly as it is now."""
+        self.manifest = write_snapshot(self.dir, ctx, history, self.config, self.fingerprint, self.model_name)
+        collect_garbage(self.dir, self.manifest, ctx.store)
 
     def truncate_log(self, n_entries: int) -> None:
         self.log.truncate(n_entries)
@@ -286,17 +280,16 @@ class Durable:
         self.lock.release()
 
 
-def write_snapshot(directory: Path, mem, fingerprint: str, model_name: str) -> Manifest:
+def write_snapshot(directory: Path, ctx, history, config, fingerprint: str, model_name: str) -> Manifest:
     """Blocks not yet on disk -> a new shard; window state -> a new state file; then the manifest."""
-    ctx = mem._ctx
     ctx.store.flush()
     name, state = write_state(Path(directory), ctx)
     manifest = Manifest(
         model_fingerprint=fingerprint,
         model_name=model_name,
-        config=_config_dict(mem.config),
-        n_tokens=len(mem),
-        n_entries=len(mem._entries),
+        config=_config_dict(config),
+        n_tokens=ctx.layout.n_tokens,
+        n_entries=len(history),
         state=state,
         shards=[ShardInfo(**s.to_dict()) for s in ctx.store.disk.shards] if ctx.store.disk else [],
     )
@@ -321,18 +314,16 @@ def _config_dict(config) -> dict:
     return d
 
 
-def write_copy(mem, directory: Path, fingerprint: str, model_name: str) -> None:
-    """Save a complete copy of ``mem`` into ``directory`` (created if needed)."""
-    from .blocks import ShardSet
-
+def write_copy(directory: Path, ctx, history, config, fingerprint: str, model_name: str) -> None:
+    """Save a complete copy of a memory (its context and history) into ``directory`` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lock = DirLock(directory)
     try:
         if any(f.name not in (LOCK,) for f in directory.iterdir()) and not (directory / MANIFEST).exists():
             raise MemoryFormatError(f"{directory}: exists and is not a saved memory; refusing to write into it")
-        _write_log_copy(directory, [(e.role, e.content, mem._ctx.tokens[e.start : e.end]) for e in mem._entries])
-        ctx, store = mem._ctx, mem._ctx.store
+        _write_log_copy(directory, history.rows(ctx.tokens))
+        store = ctx.store
         shards = ShardSet(directory, prefix=f"blocks-{os.urandom(4).hex()}")
         per_shard = 64
         for first in range(0, len(store), per_shard):
@@ -343,9 +334,9 @@ def write_copy(mem, directory: Path, fingerprint: str, model_name: str) -> None:
         manifest = Manifest(
             fingerprint,
             model_name,
-            _config_dict(mem.config),
-            n_tokens=len(mem),
-            n_entries=len(mem._entries),
+            _config_dict(config),
+            n_tokens=ctx.layout.n_tokens,
+            n_entries=len(history),
             state=state,
             shards=shards.shards,
         )
@@ -391,14 +382,11 @@ def read_manifest_for(directory: Path, fingerprint: str, model_name: str) -> Man
     return manifest
 
 
-def restore(mem, directory: Path, manifest: Manifest, *, verify: bool = True) -> list[tuple]:
-    """Load the snapshot and shards named by ``manifest`` into ``mem`` (whose context was created
-    with its spill directory holding those shards). Returns the log entries after the snapshot,
-    which the caller re-encodes."""
-    from .memory import Entry
-
+def restore(ctx, directory: Path, manifest: Manifest, *, verify: bool = True) -> tuple[list, list[tuple]]:
+    """Load the snapshot and shards named by ``manifest`` into ``ctx`` (created with its spill
+    directory holding those shards). Returns the entries the snapshot covers and the log rows after
+    it, which the caller re-encodes."""
     directory = Path(directory)
-    ctx = mem._ctx
     st = manifest.state
     state_bytes = verify_file(directory, st["file"], st["sha256"], st.get("nbytes"))
     tensors, layout = decode_state(state_bytes, directory / st["file"])
@@ -415,21 +403,79 @@ def restore(mem, directory: Path, manifest: Manifest, *, verify: bool = True) ->
             f"{directory / LOG}: holds {len(rows)} entries but the snapshot covers {manifest.n_entries}; "
             "the log was truncated or replaced"
         )
-    tokens, kept = [], []
-    for role, content, ids in rows[: manifest.n_entries]:
-        kept.append(Entry(role, content, len(tokens), len(tokens) + len(ids)))
-        tokens += ids
+    kept, tokens = spans(rows[: manifest.n_entries])
     if len(tokens) != manifest.n_tokens or layout.get("n_tokens") != manifest.n_tokens:
         raise MemoryFormatError(f"{directory}: log ({len(tokens)} tokens) and snapshot ({manifest.n_tokens}) disagree")
     n_blocks = sum(s.n for s in manifest.shards)
-    if mem.config.topk and n_blocks != layout["n_evicted_blocks"]:
+    if ctx.cfg.topk and n_blocks != layout["n_evicted_blocks"]:
         raise MemoryFormatError(f"{directory}: shards hold {n_blocks} blocks, the snapshot expects {layout['n_evicted_blocks']}")
     try:
         if ctx.store.disk is not None:
-            ctx.store.attach(manifest.shards, resident=mem.config.max_resident_bytes is None)
+            ctx.store.attach(manifest.shards, resident=ctx.cfg.max_resident_bytes is None)
         ctx.load_state(tensors, layout)
     except (KeyError, RuntimeError) as e:
         raise MemoryFormatError(f"{directory}: snapshot does not fit this configuration ({e})") from e
     ctx.tokens = tokens
-    mem._entries = kept
-    return rows[manifest.n_entries :]
+    return kept, rows[manifest.n_entries :]
+
+
+# ----------------------------------------------------------------------------------- load and open
+# ContextMemory.load/open resolve the model and build the memory; these fill its engine
+# (:class:`~memory_plugin.engine.Engine`: context, history, index) from the directory.
+
+
+def spill_copy(directory: Path, manifest: Manifest) -> Path:
+    """A private directory holding links to (or copies of) the saved shards, which are immutable:
+    a memory loaded under a RAM budget reads its blocks from there without touching ``directory``."""
+    spill = Path(tempfile.mkdtemp(prefix="memory_plugin-"))
+    for s in manifest.shards:
+        try:
+            os.link(directory / s.file, spill / s.file)
+        except OSError:
+            shutil.copyfile(directory / s.file, spill / s.file)
+    return spill
+
+
+def load_into(engine, directory: Path, manifest: Manifest, *, verify: bool, keep_disk: bool) -> None:
+    """Fill an empty engine from a saved memory (read-only: the directory is not changed)."""
+    read_manifest_for(directory, engine.fingerprint, engine.model_name)
+    entries, tail = restore(engine.ctx, directory, manifest, verify=verify)
+    engine.history.extend(entries)
+    if not keep_disk:
+        engine.ctx.store.detach_disk()
+        engine.spill_dir = None
+    engine.replay(tail)
+    engine.reindex()
+
+
+def open_config(directory: Path, manifest: Manifest | None, config):
+    """The config an opened memory runs with: the saved one, with the runtime fields (how it is
+    used, not what it holds) taken from ``config``; any other difference is an error."""
+    if manifest is None:
+        return config or MemoryConfig()
+    saved = MemoryConfig(**manifest.config)
+    runtime = {k: getattr(config or MemoryConfig(), k) for k in MemoryConfig.RUNTIME_FIELDS}
+    runtime["max_resident_bytes"] = config.max_resident_bytes if config is not None else None
+    if config is not None and config.replace(**{k: getattr(saved, k) for k in runtime}) != saved:
+        diff = [k for k, v in saved.to_dict().items() if getattr(config, k) != v and k not in runtime]
+        raise ValueError(f"{directory}: config differs from the saved memory's in {', '.join(diff)}")
+    return saved.replace(**runtime)
+
+
+def open_into(engine, directory: Path, lock: DirLock, manifest: Manifest | None, *, verify: bool, every: int) -> None:
+    """Make an empty engine the writer of ``directory`` (holding ``lock``): restore what is saved,
+    re-encode the log's tail, index the history in ``index.sqlite``, snapshot if due."""
+    tail = []
+    if manifest is not None:  # validate everything before writing anything
+        read_manifest_for(directory, engine.fingerprint, engine.model_name)
+        entries, tail = restore(engine.ctx, directory, manifest, verify=verify)
+        engine.history.extend(entries)
+    durable = Durable(directory, lock, engine.fingerprint, engine.model_name, engine.config, every)
+    durable.manifest = manifest
+    engine.replay(tail)
+    engine.reindex(LexicalIndex(directory / INDEX))
+    engine.durable = durable
+    if manifest is not None:
+        durable.maybe_snapshot(engine.ctx, engine.history)
+    else:
+        durable.snapshot(engine.ctx, engine.history)

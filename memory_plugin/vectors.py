@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .loading import model_fingerprint
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -68,7 +70,7 @@ class MemoryVectors:
     exact: bool  # greedy decoding from the vectors alone was verified to reproduce the tokens
     steps: int
     seconds: float
-    fingerprint: str = ""  # the model's (memory_plugin.persistence.model_fingerprint)
+    fingerprint: str = ""  # the model's (memory_plugin.loading.model_fingerprint)
     token_ids: list[int] | None = field(default=None, repr=False)  # kept only when asked (verification)
 
     @property
@@ -107,8 +109,6 @@ class MemoryVectors:
 
 
 def _fingerprint(model, tokenizer=None) -> str:
-    from .persistence import model_fingerprint
-
     class _Len:  # the fingerprint hashes the tokenizer size; vectors don't depend on a tokenizer object
         def __len__(self):
             return model.config.vocab_size
@@ -136,10 +136,12 @@ def cram_many(
     verify: bool = True,
     keep_tokens: bool = False,
     progress=None,
+    should_stop=None,
 ) -> list[MemoryVectors]:
     """Train memory vectors for each token segment; converged segments are frozen and leave the
     batch. A segment is ``exact`` only if greedy decoding from its vectors was checked to give it
-    back. ``progress``: an optional callable ``(done, total)``."""
+    back. ``progress``: an optional callable ``(done, total)``; ``should_stop``: an optional
+    callable checked every step: when it returns True, unfinished segments end as not exact."""
     if isinstance(n_vectors, bool) or not isinstance(n_vectors, int) or n_vectors < 1:
         raise ValueError(f"n_vectors must be a positive int, got {n_vectors!r}")
     if max_steps < 1:
@@ -151,7 +153,7 @@ def cram_many(
     order = sorted(range(len(segs)), key=lambda i: len(segs[i]))
     for start in range(0, len(order), recipe.batch_size):
         idx = order[start : start + recipe.batch_size]
-        for i, mv in zip(idx, _cram_batch(model, [segs[i] for i in idx], n_vectors, max_steps, recipe)):
+        for i, mv in zip(idx, _cram_batch(model, [segs[i] for i in idx], n_vectors, max_steps, recipe, should_stop)):
             mv.fingerprint = fp
             if verify and mv.exact:
                 mv.exact = greedy_decode(model, mv.tensor, mv.n_tokens) == segs[i]
@@ -168,7 +170,7 @@ def cram(model, token_ids, n_vectors: int = 1, **kw) -> MemoryVectors:
     return cram_many(model, [token_ids], n_vectors, **kw)[0]
 
 
-def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Recipe) -> list[MemoryVectors]:
+def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Recipe, should_stop=None) -> list[MemoryVectors]:
     embed = model.get_input_embeddings()
     dev, dtype = embed.weight.device, embed.weight.dtype
     b, n_max = len(segs), max(len(s) for s in segs)
@@ -188,7 +190,7 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
     t0 = time.perf_counter()
     for step in range(max_steps):
         live = active.nonzero().flatten()
-        if len(live) == 0:
+        if len(live) == 0 or (should_stop is not None and should_stop()):
             break
         for g in opt.param_groups:
             g["lr"] = recipe.lr_at(step, max_steps)

@@ -23,24 +23,24 @@ def mem(tiny_model, tiny_tokenizer):
 
 def test_archive_moves_exact_blocks_to_the_cold_tier_and_keeps_reprs(mem):
     before_blocks = mem.stats().blocks
-    reprs = [layer.reprs.clone() for layer in mem._ctx.store.layers]
+    reprs = [layer.reprs.clone() for layer in mem._engine.ctx.store.layers]
     went_cold = mem.archive(older_than_tokens=0)
     st = mem.stats()
     assert went_cold > 0 and st.blocks_by_tier["cold"] == went_cold
     assert st.blocks == before_blocks and st.bytes["cold"] > 0
-    for layer, r in zip(mem._ctx.store.layers, reprs):  # retrieval still indexes them
+    for layer, r in zip(mem._engine.ctx.store.layers, reprs):  # retrieval still indexes them
         assert layer.reprs.equal(r)
-    for b in mem._ctx.store.cold:
-        assert mem._ctx.store.layers[0].kv[b] is None  # KV dropped
-        assert mem._ctx.store.cold[b].vectors.exact
+    for b in mem._engine.ctx.store.cold:
+        assert mem._engine.ctx.store.layers[0].kv[b] is None  # KV dropped
+        assert mem._engine.ctx.store.cold[b].vectors.exact
 
 
 def test_a_block_that_does_not_cram_exactly_keeps_its_kv(tiny_model, tiny_tokenizer):
     m = ContextMemory(tiny_model, tiny_tokenizer, CFG.replace(archive_max_steps=1))
     m.add_text(TEXT * 3)
-    before = _state(m._ctx)
+    before = _state(m._engine.ctx)
     assert m.archive(older_than_tokens=0) == 0
-    assert _state(m._ctx) == before and m.stats().blocks_by_tier["cold"] == 0
+    assert _state(m._engine.ctx) == before and m.stats().blocks_by_tier["cold"] == 0
 
 
 @pytest.mark.parametrize("mode", ["rehydrate", "gist", "drop"])
@@ -50,26 +50,26 @@ def test_selected_cold_blocks_are_rehydrated_gisted_or_dropped(tiny_model, tiny_
     assert m.archive(older_than_tokens=0) > 0
     answer = m.generate("sky?", max_new_tokens=6, min_new_tokens=6)
     assert isinstance(answer, str) and answer
-    store = m._ctx.store
+    store = m._engine.ctx.store
     if mode == "rehydrate":
-        assert m._cold.rehydrations > 0 and m._cold.decode_mismatches == 0
+        assert m._engine.cold.rehydrations > 0 and m._engine.cold.decode_mismatches == 0
         b = next(iter(store._rehydrated))
         assert store.block(0, b).shape == (2, 2, CFG.block_size, 16)
     elif mode == "gist":
         cold = next(iter(store.cold.values()))
-        assert cold.gist[0].shape == (2, 2, CFG.archive_vectors, 16) and m._cold.rehydrations == 0
+        assert cold.gist[0].shape == (2, 2, CFG.archive_vectors, 16) and m._engine.cold.rehydrations == 0
     else:
-        assert m._cold.rehydrations == 0
+        assert m._engine.cold.rehydrations == 0
 
 
 def test_background_worker_archives_old_blocks(tiny_model, tiny_tokenizer):
     m = ContextMemory(tiny_model, tiny_tokenizer, CFG.replace(archive_after_tokens=20))
     m.add_text(TEXT * 3)
-    m._cold.wait()
+    m._engine.cold.wait()
     cold = m.stats().blocks_by_tier["cold"]
     assert cold > 0
     horizon = len(m) - 20
-    assert all(m._ctx.block_span(b)[1] <= horizon for b in m._ctx.store.cold)
+    assert all(m._engine.ctx.block_span(b)[1] <= horizon for b in m._engine.ctx.store.cold)
     m.close()
 
 
@@ -78,7 +78,7 @@ def test_cold_tier_survives_save_and_load(mem, tmp_path, tiny_model, tiny_tokeni
     answer = mem.generate("sky?", max_new_tokens=6, min_new_tokens=6)
     mem.save(tmp_path / "m")
     back = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
-    assert set(back._ctx.store.cold) == set(mem._ctx.store.cold)
+    assert set(back._engine.ctx.store.cold) == set(mem._engine.ctx.store.cold)
     assert back.generate("sky?", max_new_tokens=6, min_new_tokens=6) == answer
 
 
@@ -88,7 +88,7 @@ def test_rollback_forgets_cold_blocks_it_drops(mem):
     mem.archive(older_than_tokens=0)
     n = cp.state["n_blocks"]
     mem.rollback(cp)
-    assert all(b < n for b in mem._ctx.store.cold)
+    assert all(b < n for b in mem._engine.ctx.store.cold)
 
 
 def test_bad_archive_settings():

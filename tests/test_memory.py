@@ -55,18 +55,18 @@ def test_add_text_is_raw_and_listed_with_role_none(tiny_memory, tiny_tokenizer):
 )
 def test_bad_input_raises_a_clear_error_and_changes_nothing(tiny_memory, call, exc, match):
     tiny_memory.add_text(TEXT * 10)
-    before = _state(tiny_memory._ctx)
+    before = _state(tiny_memory._engine.ctx)
     msgs = tiny_memory.messages
     with pytest.raises(exc, match=match):
         call(tiny_memory)
-    assert _state(tiny_memory._ctx) == before and tiny_memory.messages == msgs
+    assert _state(tiny_memory._engine.ctx) == before and tiny_memory.messages == msgs
 
 
 def test_generate_with_remember_false_leaves_the_memory_exactly_as_before(tiny_memory):
     tiny_memory.add_text(TEXT * 15)  # blocks are cut and the window compacts during generation too
-    before = _state(tiny_memory._ctx)
+    before = _state(tiny_memory._engine.ctx)
     first = tiny_memory.generate("What colour is the sky?", max_new_tokens=40, min_new_tokens=40)
-    assert _state(tiny_memory._ctx) == before
+    assert _state(tiny_memory._engine.ctx) == before
     assert tiny_memory.generate("What colour is the sky?", max_new_tokens=40, min_new_tokens=40) == first
 
 
@@ -84,7 +84,7 @@ def test_generate_matches_transformers_greedy_decoding(tiny_model, tiny_tokenize
     msgs = [{"role": "user", "content": "The sky is blue."}, {"role": "user", "content": "What colour?"}]
     prompt = tiny_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ids = tiny_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    bad = [[i] for i in mem._chat.stop_ids]
+    bad = [[i] for i in mem._engine.chat.stop_ids]
     out = tiny_model.generate(ids, max_new_tokens=12, do_sample=False, suppress_tokens=[b[0] for b in bad])
     assert answer == tiny_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
@@ -93,10 +93,10 @@ def test_generate_matches_transformers_greedy_decoding(tiny_model, tiny_tokenize
 def test_remember_true_stores_the_turn_as_the_template_would(tiny_memory, tiny_tokenizer, monkeypatch, ends_with_stop_token):
     tiny_memory.add_message("user", "Hello there")
     if ends_with_stop_token:  # script the model: two tokens, then end of turn
-        import memory_plugin.memory as mm
+        import memory_plugin.turns as turns
 
-        script = iter(tiny_memory._chat.encode(" blue sky")[:2] + sorted(tiny_memory._chat.stop_ids))
-        monkeypatch.setattr(mm, "_sample", lambda *a, **k: next(script))
+        script = iter(tiny_memory._engine.chat.encode(" blue sky")[:2] + sorted(tiny_memory._engine.chat.stop_ids))
+        monkeypatch.setattr(turns, "sample", lambda *a, **k: next(script))
     answer = tiny_memory.generate("And now?", max_new_tokens=6, remember=True)
     assert answer
     assert tiny_memory.messages[-2:] == [
@@ -108,7 +108,7 @@ def test_remember_true_stores_the_turn_as_the_template_would(tiny_memory, tiny_t
     decode = lambda ids: tiny_tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     assert decode(tiny_memory.token_ids) == decode(expected.token_ids)
     # the next turn starts from a complete, closed assistant turn
-    assert tiny_memory.token_ids[-2:] == tiny_memory._chat.encode(tiny_memory._chat.assistant_suffix)
+    assert tiny_memory.token_ids[-2:] == tiny_memory._engine.chat.encode(tiny_memory._engine.chat.assistant_suffix)
 
 
 def test_stop_strings_end_the_answer_and_are_excluded(tiny_memory):
@@ -131,9 +131,9 @@ def test_sampling_is_reproducible_with_a_seed(tiny_memory):
 def test_retrieve_returns_spans_covering_the_history_without_changing_it(tiny_memory):
     tiny_memory.add_message("system", "You are terse.")
     tiny_memory.add_text(TEXT * 12)
-    before = _state(tiny_memory._ctx)
+    before = _state(tiny_memory._engine.ctx)
     hits = tiny_memory.retrieve("sky is blue", k=5)
-    assert _state(tiny_memory._ctx) == before
+    assert _state(tiny_memory._engine.ctx) == before
     assert len(hits) == 5 and all(isinstance(h, MemoryHit) for h in hits)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     for h in hits:
@@ -155,11 +155,11 @@ def test_retrieve_on_empty_memory_is_empty(tiny_memory):
 def test_checkpoint_and_rollback(tiny_memory):
     tiny_memory.add_text(TEXT * 3)
     cp = tiny_memory.checkpoint()
-    before = _state(tiny_memory._ctx)
+    before = _state(tiny_memory._engine.ctx)
     tiny_memory.add_message("user", "a what-if " * 30)
     inner = tiny_memory.checkpoint()
     tiny_memory.rollback(cp)
-    assert _state(tiny_memory._ctx) == before and len(tiny_memory.messages) == 1
+    assert _state(tiny_memory._engine.ctx) == before and len(tiny_memory.messages) == 1
     tiny_memory.add_text(TEXT * 9)  # longer than the dropped branch: its checkpoint must still be refused
     with pytest.raises(ValueError, match="no longer valid"):
         tiny_memory.rollback(inner)
@@ -171,9 +171,9 @@ def test_checkpoint_and_rollback(tiny_memory):
 
 def test_an_interrupted_encode_leaves_no_trace(tiny_memory, monkeypatch):
     tiny_memory.add_text(TEXT * 6)
-    before = _state(tiny_memory._ctx)
+    before = _state(tiny_memory._engine.ctx)
     calls = {"n": 0}
-    real = tiny_memory._ctx.attend
+    real = tiny_memory._engine.ctx.attend
 
     def failing(*a, **kw):
         calls["n"] += 1
@@ -181,11 +181,11 @@ def test_an_interrupted_encode_leaves_no_trace(tiny_memory, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(tiny_memory._ctx, "attend", failing)
+    monkeypatch.setattr(tiny_memory._engine.ctx, "attend", failing)
     with pytest.raises(KeyboardInterrupt):
         tiny_memory.add_text(TEXT * 6)
     monkeypatch.undo()
-    assert _state(tiny_memory._ctx) == before and len(tiny_memory.messages) == 1
+    assert _state(tiny_memory._engine.ctx) == before and len(tiny_memory.messages) == 1
 
 
 def test_reset_and_len(tiny_memory):

@@ -52,10 +52,10 @@ def _hits(mem):
 
 
 def test_save_and_load_round_trip_exactly(built, tmp_path, tiny_model, tiny_tokenizer):
-    answer, hits, state = _ask(built), _hits(built), _state(built._ctx)
+    answer, hits, state = _ask(built), _hits(built), _state(built._engine.ctx)
     built.save(tmp_path / "m")
     loaded = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
-    assert _state(loaded._ctx) == state
+    assert _state(loaded._engine.ctx) == state
     assert loaded.messages == built.messages and loaded.token_ids == built.token_ids
     assert _ask(loaded) == answer and _hits(loaded) == hits
     assert loaded.config == built.config
@@ -87,9 +87,9 @@ def test_open_memory_persists_every_add_and_reopens_where_it_was(tmp_path, tiny_
         mem.add_text(TEXT * 12)
         answer = _ask(mem)
         mem.generate("remember this", max_new_tokens=4, min_new_tokens=4, remember=True)
-        msgs, state = mem.messages, _state(mem._ctx)
+        msgs, state = mem.messages, _state(mem._engine.ctx)
     with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer) as again:
-        assert again.messages == msgs and _state(again._ctx) == state
+        assert again.messages == msgs and _state(again._engine.ctx) == state
         cp = again.checkpoint()
         again.add_text(TEXT * 3)
         again.rollback(cp)  # a rollback is durable too
@@ -108,7 +108,7 @@ def test_open_recovers_entries_written_after_the_last_snapshot(tmp_path, tiny_mo
     for i in range(6):
         mem.add_message(*message(i, 0))
     # Simulate a crash: no close(), the lock is dropped as the OS would on process death.
-    mem._durable.lock.release()
+    mem._engine.durable.lock.release()
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["n_entries"] == 0  # nothing but the log knew about those messages
     back = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer)
@@ -116,7 +116,7 @@ def test_open_recovers_entries_written_after_the_last_snapshot(tmp_path, tiny_mo
     fresh = ContextMemory(tiny_model, tiny_tokenizer, testing.TINY_CONFIG)
     for i in range(6):  # one call per message, as the crashed writer did: the same chunks
         fresh.add_message(*message(i, 0))
-    assert back.token_ids == fresh.token_ids and _state(back._ctx) == _state(fresh._ctx)
+    assert back.token_ids == fresh.token_ids and _state(back._engine.ctx) == _state(fresh._engine.ctx)
     back.close()
 
 
@@ -164,6 +164,29 @@ def test_a_second_writer_is_refused_until_the_first_closes(tmp_path, tiny_model,
     assert len(ContextMemory.load(path, tiny_model, tokenizer=tiny_tokenizer)) == len(first)  # readers are fine
     first.close()
     ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer).close()
+
+
+@pytest.mark.parametrize("archiving", [False, True])
+def test_dropping_the_last_reference_releases_the_directory(tmp_path, tiny_model, tiny_tokenizer, archiving):
+    """``del mem`` without close(): the same process reopens the directory at once (no garbage
+    collection needed), with every acknowledged entry; also while the cold tier's worker runs."""
+    import gc
+
+    path = tmp_path / "m"
+    cfg = testing.TINY_CONFIG.replace(archive_after_tokens=64) if archiving else testing.TINY_CONFIG
+    mem = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer, config=cfg)
+    mem.add_text(TEXT * 4)
+    stream = mem.stream("Hi", max_new_tokens=2)  # a turn read to its end holds nothing either
+    "".join(stream)
+    msgs, ids = mem.messages, mem.token_ids
+    gc.disable()  # the release must not depend on the collector breaking cycles
+    try:
+        del mem, stream
+        again = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer, config=cfg)
+    finally:
+        gc.enable()
+    assert again.messages == msgs and again.token_ids == ids
+    again.close()
 
 
 def _corrupt_shard(path):
@@ -258,7 +281,7 @@ def test_more_shards_than_open_files_allowed(monkeypatch, tiny_model, tiny_token
         for m in (bounded, unbounded):
             m.add_message(*message(i, 3))
     assert _ask(bounded) == _ask(unbounded) and _hits(bounded) == _hits(unbounded)
-    disk = bounded._ctx.store.disk
+    disk = bounded._engine.ctx.store.disk
     assert len(disk.shards) > 2 and len(disk._fds) <= 2
 
 

@@ -36,8 +36,8 @@ def test_equals_transformers_full_attention_within_init_plus_window(smol):
     with torch.inference_mode():
         ref = model(ids[None]).logits[0, -200:]
         fresh = ContextMemory(model, tok)
-        ctx = fresh._ctx
-        out = fresh._forward(ids, ctx, logits="all")[-200:]
+        ctx = fresh._engine.ctx
+        out = fresh._engine.forward(ids, ctx, logits="all")[-200:]
     # float32 over 30 layers with a different summation order (fused flash kernel, split softmax)
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-3)
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() == 1.0
@@ -86,7 +86,7 @@ def test_a_32_token_segment_crams_into_one_vector_exactly(smol):
     model, tok = smol
     mem = ContextMemory(model, tok)
     text = "Alice moved the meeting with the Berlin team to Thursday at three, and asked Bob to bring the signed contract."
-    ids = mem._chat.encode(text)[:32]
+    ids = mem._engine.chat.encode(text)[:32]
     vecs = mem.cram(ids, n_vectors=1, max_steps=5000)  # the paper's cap
     assert vecs.exact, f"not exact after {vecs.steps} steps"
     assert mem.uncram(vecs) == tok.decode(ids)
@@ -102,9 +102,9 @@ def test_a_fact_in_a_cold_block_is_answered_after_rehydration(smol):
     fact = "\nThe vault code is 58213.\n"
     mem.add_text(FILLER * 3 + fact + FILLER * 20)
     span = next(  # the block holding the fact
-        b for b in range(mem.stats().blocks) if "58213" in tok.decode(mem.token_ids[slice(*mem._ctx.block_span(b))])
+        b for b in range(mem.stats().blocks) if "58213" in tok.decode(mem.token_ids[slice(*mem._engine.ctx.block_span(b))])
     )
-    assert mem._cold.archive(0, only={span}) == 1, f"the fact's block did not cram in {cfg.archive_max_steps} steps"
-    assert mem._ctx.store.layers[0].kv[span] is None  # its KV is gone
+    assert mem._engine.cold.archive(0, only={span}) == 1, f"the fact's block did not cram in {cfg.archive_max_steps} steps"
+    assert mem._engine.ctx.store.layers[0].kv[span] is None  # its KV is gone
     answer = mem.generate("\nThe vault code is", max_new_tokens=6, chat=False)
-    assert "58213" in answer and mem._cold.rehydrations > 0
+    assert "58213" in answer and mem._engine.cold.rehydrations > 0

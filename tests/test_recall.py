@@ -208,13 +208,13 @@ def test_placement_puts_recalled_passages_in_the_turn_and_stores_nothing_of_them
 def test_placement_changes_the_input_the_model_sees(tiny_model, tiny_tokenizer):
     seen = []
     mem = _long_history(ContextMemory(tiny_model, tiny_tokenizer, CONFIG.replace(recall_k=2)))
-    real = mem._encode
+    real = mem._engine.encode
 
     def spy(ids, **kw):
         seen.append(list(ids))
         return real(ids, **kw)
 
-    mem._encode = spy
+    mem._engine.encode = spy
     mem.generate("Which ticket did Oriana Vesk close?", max_new_tokens=1)  # config default: 2 passages
     placed = mem.tokenizer.decode(seen[0])
     assert "Oriana Vesk; ticket MX-51873" in placed and placed.index("MX-51873") < placed.index("Which ticket")

@@ -54,12 +54,12 @@ def test_an_edited_last_message_reuses_everything_before_it(pool):
 
 def test_a_diverging_conversation_gets_its_own_correct_memory(pool):
     with pool.conversation(CONV) as c1:
-        mem1, state1 = c1.memory, _state(c1.memory._ctx)
+        mem1, state1 = c1.memory, _state(c1.memory._engine.ctx)
     other = [{"role": "user", "content": "Unrelated question about grass."}]
     with pool.conversation(other) as c2:
         assert c2.memory is not mem1 and c2.reused_tokens == 0
         assert c2.memory.token_ids == _fresh_tokens(pool, other)
-    assert _state(mem1._ctx) == state1  # the first conversation was not touched
+    assert _state(mem1._engine.ctx) == state1  # the first conversation was not touched
     with pool.conversation(CONV) as c3:
         assert c3.memory is mem1 and c3.new_tokens == 0
 
@@ -119,6 +119,6 @@ def test_prompt_none_answers_the_history_and_needs_one(tiny_memory):
     with pytest.raises(ValueError, match="memory is empty"):
         tiny_memory.generate(None)
     tiny_memory.add_message("user", "Hi")
-    before = _state(tiny_memory._ctx)
+    before = _state(tiny_memory._engine.ctx)
     tiny_memory.generate(None, max_new_tokens=3)
-    assert _state(tiny_memory._ctx) == before
+    assert _state(tiny_memory._engine.ctx) == before

@@ -1,0 +1,149 @@
+"""Finding passages of a memory's history: hybrid search (:func:`search`), what recall places
+before a question (:func:`place`), and what an answer attended (:func:`attended`).
+
+Each works on an :class:`~memory_plugin.engine.Engine` (its context, history and lexical index) and
+leaves it unchanged; the ranking maths is :mod:`~memory_plugin.retrieval`, the index
+:mod:`~memory_plugin.lexical`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import retrieval
+from .lexical import Passage
+
+SEARCH_MODES = ("hybrid", "lexical", "attention")
+RECENT_TOKENS = 1024
+"""Recall placement skips passages among the last this many tokens: the embedded model already
+answers 7 of 8 questions about a fact ~1k tokens back (docs/BENCHMARKS.md, section 9), and a copy
+of what sits right before the question only lengthens the turn."""
+EXPLAIN_K = 4  # attended spans an explained answer reports
+
+
+@dataclass(frozen=True)
+class MemoryHit:
+    """A passage of the history: a message, or a piece of at most ``block_size`` tokens of a
+    longer entry (cut at sentence or line ends).
+
+    ``channels`` says what found it: ``"lexical"`` / ``"attention"`` when it is among that
+    channel's top ``k`` for :meth:`ContextMemory.retrieve`; ``"placed"`` / ``"attended"`` in an
+    explained answer (:class:`Answer`)."""
+
+    text: str
+    start: int  # token offsets in the history, [start, end)
+    end: int
+    score: float
+    message_index: int | None = None  # index in ``ContextMemory.messages`` of the entry holding ``start``
+    role: str | None = None  # that entry's role (None for add_text)
+    channels: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (``channels`` as a list), e.g. for a framework's metadata."""
+        return {**asdict(self), "channels": list(self.channels)}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer with what it came from (``generate(..., explain=True)``): the passages the
+    model attended most while writing it (``attended``, score = share of its attention) and the
+    passages placed before the question (``placed``, see ``MemoryConfig.recall_k``)."""
+
+    text: str
+    attended: list[MemoryHit]
+    placed: list[MemoryHit]
+
+    def __str__(self) -> str:
+        return self.text
+
+    def sources(self) -> dict:
+        """``{"attended": [...], "placed": [...]}``: the passages as plain data (``MemoryHit.to_dict``)."""
+        return {"attended": [h.to_dict() for h in self.attended], "placed": [h.to_dict() for h in self.placed]}
+
+
+@torch.inference_mode()
+def search(engine, query: str, k: int, mode: str) -> list[MemoryHit]:
+    """The ``k`` passages best for ``query``: each channel ranks, :func:`retrieval.fuse` fuses."""
+    rankings: dict[str, list[tuple[Passage, float]]] = {}
+    lexical = engine.index.search(query, max(k, retrieval.CHANNEL_DEPTH))
+    if mode != "attention":
+        rankings["lexical"] = lexical
+    if mode != "lexical":
+        queries, n_seen = _query_states(engine, query)
+        cands = _candidates(engine, queries, n_seen, [p for p, _ in lexical])
+        if cands:
+            score = retrieval.attention_scores(engine.ctx, queries, n_seen, cands)
+            order = score.argsort(descending=True, stable=True).tolist()
+            rankings["attention"] = [(cands[i], float(score[i])) for i in order]
+    fused = retrieval.fuse(rankings)[:k]
+    return [_hit(engine, p, s, tuple(c for c, r in ranks.items() if r <= k)) for p, s, ranks in fused]
+
+
+def place(engine, query: str, k: int) -> list[MemoryHit]:
+    """Up to ``k`` hybrid hits scored above the average, not among the last ``RECENT_TOKENS``
+    tokens, within ``config.recall_max_tokens`` together; channel ``"placed"``."""
+    limit, budget, out = len(engine) - RECENT_TOKENS, engine.config.recall_max_tokens, []
+    if limit <= 0 or k == 0:
+        return []
+    for h in search(engine, query, k + 8, "hybrid"):
+        # above the average fused score: a passage no channel singles out is not worth the tokens
+        if h.score > 0 and h.end <= limit and h.end - h.start <= budget and len(out) < k:
+            budget -= h.end - h.start
+            out.append(MemoryHit(h.text, h.start, h.end, h.score, h.message_index, h.role, ("placed",)))
+    return out
+
+
+def attended(engine, trace: torch.Tensor, n_history: int, steps: int, placed, placed_at) -> list[MemoryHit]:
+    """The ``EXPLAIN_K`` passages of the history that received most of the traced attention, in
+    the memory or as a placed copy in the turn (``placed`` hits at ``placed_at`` spans of the turn's
+    input); score: their share of it (all layers, heads and traced tokens; the rest went to the
+    turn's own text, to other passages and to the attention sinks)."""
+    ctx, cfg = engine.ctx, engine.config
+    mass = trace[:n_history].clone()
+    # Attention sinks draw mass whatever is asked: the first few tokens, and once the history
+    # is past the window, the whole init part (every query attends to it, InfLLM's sinks).
+    long = n_history > cfg.n_init + cfg.n_local
+    mass[: ctx.layout.init_len if long else retrieval.N_SINK] = 0
+    cum = torch.cat([torch.zeros(1), mass.cumsum(0)])
+    total = steps * len(ctx.layers) * ctx.g.n_heads
+    scores = {(p.start, p.end): [float(cum[p.end] - cum[p.start]), p] for p in engine.index.passages(0, n_history)}
+    for h, (a, b) in zip(placed, placed_at):  # a placed copy counts for its original
+        if (h.start, h.end) in scores:
+            scores[h.start, h.end][0] += float(trace[n_history + a : n_history + b].sum())
+    scored = sorted(scores.values(), key=lambda x: -x[0])
+    return [_hit(engine, p, s / total, ("attended",)) for s, p in scored[:EXPLAIN_K] if s > 0]
+
+
+@torch.inference_mode()
+def _query_states(engine, query: str) -> tuple[list[torch.Tensor], int]:
+    """The query's queries per layer ``[H, T, D]`` (rotated at the far distance), as if it were
+    appended to the history (it is not), and how many history tokens there are."""
+    ctx = engine.ctx
+    capture: list[torch.Tensor] = []
+    n_seen = len(engine)
+    cp = ctx.checkpoint()
+    try:
+        engine.forward(torch.tensor(engine.chat.encode(query)), ctx, logits="none", capture=capture)
+    finally:
+        ctx.rollback(cp)
+    n_layers = len(ctx.layers)
+    return [torch.cat(capture[layer::n_layers], dim=1) for layer in range(n_layers)], n_seen
+
+
+def _candidates(engine, queries: list[torch.Tensor], n_seen: int, lexical: list[Passage]) -> list[Passage]:
+    """Passages the attention channel scores: all of a short history; of a long one, those in the
+    blocks InfLLM's relevance preselects, the lexical hits, init and the local window."""
+    ctx, index = engine.ctx, engine.index
+    if n_seen <= retrieval.FULL_SCAN_TOKENS:
+        return index.passages()
+    chosen = retrieval.preselect(ctx, queries, n_seen, retrieval.PRESELECT_BLOCKS)
+    ranges = [ctx.block_span(b) for b in chosen] + [(0, ctx.layout.init_len), ctx.window_range]
+    found = {(p.start, p.end): p for a, b in ranges for p in index.passages(a, b)}
+    found.update({(p.start, p.end): p for p in lexical})
+    return [found[key] for key in sorted(found)]
+
+
+def _hit(engine, p: Passage, score: float, channels: tuple[str, ...]) -> MemoryHit:
+    return MemoryHit(p.text, p.start, p.end, score, p.entry, engine.history[p.entry].role, channels)
