@@ -87,7 +87,7 @@ def _chat(args) -> int:
 def _info(args) -> int:
     from . import __version__
     from .config import MemoryConfig
-    from .model import SUPPORTED_ARCHITECTURES, ModelNotFoundError, default_model_path
+    from .loading import SUPPORTED_ARCHITECTURES, ModelNotFoundError, default_model_path
 
     print(f"memory_plugin {__version__}")
     try:

@@ -60,17 +60,6 @@ class Checkpoint:
     clock: int
 
 
-@dataclass(frozen=True, eq=False)
-class Checkpoint:
-    """Opaque handle from :meth:`ContextMemory.checkpoint`."""
-
-    memory: ContextMemory
-    context: object
-    state: dict
-    n_entries: int
-    clock: int
-
-
 class ContextMemory:
     """Long-term memory inside a local model's attention (InfLLM).
 
