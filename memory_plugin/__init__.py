@@ -9,7 +9,8 @@ Example:
 
 from .config import MemoryConfig
 from .memory import Answer, Checkpoint, ContextMemory, Entry, MemoryHit, MemoryStats, TurnStream
-from .model import ModelNotFoundError, UnsupportedModelError, load_model
+from .loading import ModelNotFoundError, UnsupportedModelError, load_model
+from .pool import MemoryPool, Retention, ThreadInfo
 from .sessions import Conversation, ConversationPool
 
 __all__ = [
@@ -21,8 +22,11 @@ __all__ = [
     "Entry",
     "MemoryConfig",
     "MemoryHit",
+    "MemoryPool",
     "MemoryStats",
     "TurnStream",
+    "Retention",
+    "ThreadInfo",
     "ModelNotFoundError",
     "UnsupportedModelError",
     "load_model",

@@ -93,11 +93,7 @@ class ConversationPool:
         Generate with ``conversation.memory.generate(None, ...)`` (``remember=False``, the default,
         keeps the memory equal to ``messages`` so the next call's prefix matches).
         """
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        for m in msgs:
-            check_message(m["role"], m["content"])
-        if not msgs:
-            raise ValueError("messages is empty")
+        msgs = check_messages(messages)
         key, slot = self._checkout(msgs, thread_id)
         with slot.lock:
             reused, new = self._sync(slot, msgs)
@@ -130,26 +126,49 @@ class ConversationPool:
             return key, slot
 
     def _sync(self, slot: _Slot, msgs: list[dict]) -> tuple[int, int]:
-        """Bring ``slot.memory`` to hold exactly ``msgs``; returns (reused, newly encoded) tokens."""
-        mem = slot.memory
-        n = _common_prefix(slot.messages, msgs)
-        if n < len(slot.messages):
-            if n == len(slot.messages) - 1 and slot.before_last is not None:
-                mem.rollback(slot.before_last)  # only the last message changed (edit, regenerate)
-            else:
-                mem.reset()
-                n = 0
-            slot.messages = slot.messages[:n]
-            slot.before_last = None
-        reused = len(mem)
-        todo = msgs[n:]
-        if todo:
-            if len(todo) > 1:
-                mem.add_messages(todo[:-1])
-            slot.before_last = mem.checkpoint()
-            mem.add_messages(todo[-1:])
+        reused, new, slot.before_last = sync_messages(slot.memory, slot.messages, msgs, slot.before_last)
         slot.messages = list(msgs)
-        return reused, len(mem) - reused
+        return reused, new
+
+
+def check_messages(messages: Sequence[dict]) -> list[dict]:
+    """``messages`` as plain ``{"role", "content"}`` dicts, each checked; at least one."""
+    if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content'")
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    for m in msgs:
+        check_message(m["role"], m["content"])
+    if not msgs:
+        raise ValueError("messages is empty")
+    return msgs
+
+
+def sync_messages(
+    mem: ContextMemory, held: list[dict], msgs: list[dict], before_last: Checkpoint | None
+) -> tuple[int, int, Checkpoint | None]:
+    """Bring ``mem`` (holding the messages ``held``) to hold exactly ``msgs``: what they share
+    is kept; when only the last held message differs it is swapped through ``before_last`` (the
+    checkpoint taken before it), otherwise the memory is encoded again. Returns the tokens reused,
+    the tokens encoded, and the new checkpoint before the last message."""
+    n = _common_prefix(held, msgs)
+    if n < len(held):
+        if n == len(held) - 1 and before_last is not None:
+            mem.rollback(before_last)  # only the last message changed (edit, regenerate)
+        else:
+            mem.reset()
+            n = 0
+        before_last = None
+    reused = len(mem)
+    todo = msgs[n:]
+    if todo:
+        if len(todo) > 1:
+            mem.add_messages(todo[:-1])
+        before_last = mem.checkpoint()
+        mem.add_messages(todo[-1:])
+    return reused, len(mem) - reused, before_last
 
 
 def _common_prefix(a: list[dict], b: list[dict]) -> int:

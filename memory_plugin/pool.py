@@ -1,0 +1,269 @@
+"""Durable memories per tenant and thread under one root, sharing one model: what a server (or an
+agent framework keeping threads) holds.
+
+Each ``(tenant, thread)`` is a memory directory (:meth:`ContextMemory.open`) at
+``root/<tenant>/<thread>``. A few are kept open, least recently used closed first: closing is cheap
+because they are durable, and reopening reuses every block written (only the tail after the last
+snapshot is re-encoded). One RAM budget covers all open memories. A thread's turns are serialised
+(its lock), different threads run concurrently.
+
+Example:
+    >>> pool = MemoryPool("memories", model, tokenizer)  # doctest: +SKIP
+    >>> with pool.conversation("acme", "thread-1", messages) as conv:  # doctest: +SKIP
+    ...     reply = conv.memory.generate(None)
+    >>> [t.thread for t in pool.threads("acme")]  # doctest: +SKIP
+    ['thread-1']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+from .config import MemoryConfig
+from .memory import ContextMemory
+from .persistence import LOCK, SNAPSHOT_EVERY_TOKENS
+from .sessions import Conversation, check_messages, sync_messages
+
+MAX_ID_CHARS = 200
+
+
+@dataclass(frozen=True)
+class ThreadInfo:
+    """One thread's memory as listed by :meth:`MemoryPool.threads`."""
+
+    tenant: str
+    thread: str
+    disk_bytes: int  # every file of its directory
+    last_active: float  # Unix time of its last checkout
+    open: bool  # held open (in RAM) by the pool now
+    tokens: int | None = None  # known while open
+    entries: int | None = None
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What :meth:`MemoryPool.sweep` deletes, per tenant: threads idle longer than
+    ``max_idle_seconds``; beyond the ``max_threads`` most recently active; the least recently
+    active ones while the tenant's threads take more than ``max_bytes`` on disk."""
+
+    max_idle_seconds: float | None = None
+    max_threads: int | None = None
+    max_bytes: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_idle_seconds", "max_threads", "max_bytes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"{name} must be a non-negative number or None, got {v!r}")
+
+
+@dataclass
+class _Slot:
+    memory: ContextMemory
+    messages: list[dict] | None  # None: the memory holds raw text, no conversation extends it
+    lock: threading.Lock
+    before_last: object = None  # checkpoint before the last message (sessions.sync_messages)
+
+
+class MemoryPool:
+    """Durable memories keyed by ``(tenant, thread)`` (see the module doc).
+
+    Args:
+        root: directory holding every tenant's threads (created).
+        model, tokenizer: one loaded model all memories share (see :func:`memory_plugin.load_model`).
+        config: the memory geometry of new threads (an existing thread keeps its own).
+        max_open: memories kept open at most; the least recently used idle one is closed beyond it.
+        max_resident_bytes: RAM for all open memories together (each is also bounded by it); the
+            least recently used idle ones are closed while the open ones hold more.
+        snapshot_every: as :meth:`ContextMemory.open`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        model,
+        tokenizer,
+        config: MemoryConfig | None = None,
+        *,
+        max_open: int = 8,
+        max_resident_bytes: int | None = None,
+        snapshot_every: int = SNAPSHOT_EVERY_TOKENS,
+    ):
+        if isinstance(max_open, bool) or not isinstance(max_open, int) or max_open < 1:
+            raise ValueError(f"max_open must be a positive int, got {max_open!r}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.model, self.tokenizer = model, tokenizer
+        self.config = (config or MemoryConfig()).replace(max_resident_bytes=max_resident_bytes)
+        self.max_open, self.max_resident_bytes, self.snapshot_every = max_open, max_resident_bytes, snapshot_every
+        self._slots: OrderedDict[tuple[str, str], _Slot] = OrderedDict()  # open memories, least recent first
+        self._locks: dict[tuple[str, str], threading.Lock] = {}  # one per thread ever checked out
+        self._lock = threading.Lock()  # guards the two dicts, never held while a memory works
+
+    # ---------------------------------------------------------------------------- threads
+    @contextlib.contextmanager
+    def thread(self, tenant: str, thread: str) -> Iterator[ContextMemory]:
+        """The thread's memory (created if new), held for this thread alone during the block."""
+        with self._checkout(tenant, thread) as slot:
+            yield slot.memory
+
+    @contextlib.contextmanager
+    def conversation(self, tenant: str, thread: str, messages: Sequence[dict]) -> Iterator[Conversation]:
+        """The thread's memory holding exactly ``messages`` (chat messages): what it already holds
+        is reused when ``messages`` extend it; a conversation that diverges rolls back to where
+        they agree (the last message swapped cheaply, otherwise encoded again), never mixed."""
+        msgs = check_messages(messages)
+        with self._checkout(tenant, thread) as slot:
+            if slot.messages is None:  # raw text: no conversation extends it
+                slot.memory.reset()
+                slot.messages, slot.before_last = [], None
+            reused, new, slot.before_last = sync_messages(slot.memory, slot.messages, msgs, slot.before_last)
+            slot.messages = msgs
+            yield Conversation(slot.memory, reused, new, f"{tenant}/{thread}")
+
+    def threads(self, tenant: str) -> list[ThreadInfo]:
+        """The tenant's threads, most recently active first."""
+        base = self.root / _dirname(tenant, "tenant")
+        out = []
+        for d in base.iterdir() if base.is_dir() else []:
+            if not d.name.startswith("t-"):
+                continue
+            thread = unquote(d.name[2:])
+            with self._lock:
+                slot = self._slots.get((tenant, thread))
+            mem = slot.memory if slot is not None else None
+            try:  # a thread deleted meanwhile is simply not listed
+                size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+                active = (d / LOCK).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            n = (len(mem), len(mem.entries)) if mem is not None else (None, None)
+            out.append(ThreadInfo(tenant, thread, size, active, mem is not None, *n))
+        return sorted(out, key=lambda t: -t.last_active)
+
+    def delete(self, tenant: str, thread: str) -> bool:
+        """Delete the thread and its files (waits for a turn in progress); False if there was none."""
+        key, path = (tenant, thread), self._path(tenant, thread)
+        with self._thread_lock(key):
+            with self._lock:
+                slot = self._slots.pop(key, None)
+            if slot is not None:
+                slot.memory.close()
+            existed = path.is_dir()
+            shutil.rmtree(path, ignore_errors=True)
+            return existed
+
+    def sweep(self, retention: Retention, *, now: float | None = None) -> list[tuple[str, str]]:
+        """Delete what ``retention`` says is too old or too much, tenant by tenant; a thread in use
+        is skipped (the next sweep sees it again). Returns the ``(tenant, thread)`` deleted."""
+        now = time.time() if now is None else now
+        gone = []
+        for tdir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if not tdir.name.startswith("t-"):
+                continue
+            tenant = unquote(tdir.name[2:])
+            kept_bytes = 0
+            for rank, info in enumerate(self.threads(tenant)):  # most recent first
+                idle = retention.max_idle_seconds is not None and now - info.last_active > retention.max_idle_seconds
+                many = retention.max_threads is not None and rank >= retention.max_threads
+                big = retention.max_bytes is not None and kept_bytes + info.disk_bytes > retention.max_bytes
+                if (idle or many or big) and self._delete_if_idle(tenant, info.thread):
+                    gone.append((tenant, info.thread))
+                else:
+                    kept_bytes += info.disk_bytes
+        return gone
+
+    def close(self) -> None:
+        """Close every open memory (each writes a final snapshot)."""
+        with self._lock:
+            slots = list(self._slots.items())
+            self._slots.clear()
+        for key, slot in slots:
+            with slot.lock:
+                slot.memory.close()
+
+    def __enter__(self) -> MemoryPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        """Memories open now."""
+        return len(self._slots)
+
+    # ---------------------------------------------------------------------------- internals
+    def _path(self, tenant: str, thread: str) -> Path:
+        return self.root / _dirname(tenant, "tenant") / _dirname(thread, "thread")
+
+    def _thread_lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(key, threading.Lock())
+
+    @contextlib.contextmanager
+    def _checkout(self, tenant: str, thread: str) -> Iterator[_Slot]:
+        key, path = (tenant, thread), self._path(tenant, thread)
+        with self._thread_lock(key):
+            with self._lock:
+                slot = self._slots.get(key)
+                if slot is not None:
+                    self._slots.move_to_end(key)
+            if slot is None:
+                mem = ContextMemory.open(
+                    path, self.model, tokenizer=self.tokenizer, config=self.config, snapshot_every=self.snapshot_every
+                )
+                msgs = mem.messages
+                slot = _Slot(mem, None if any(m["role"] is None for m in msgs) else msgs, self._locks[key])
+                with self._lock:
+                    self._slots[key] = slot
+            os.utime(path / LOCK)  # last activity, for listing and retention
+            try:
+                yield slot
+            finally:
+                self._shrink(keep=key)
+
+    def _shrink(self, keep: tuple[str, str]) -> None:
+        """Close least recently used idle memories beyond ``max_open`` or the RAM budget."""
+        while True:
+            with self._lock:
+                over = len(self._slots) > self.max_open
+                if not over and self.max_resident_bytes is not None:
+                    held = sum(s.memory.stats().bytes["host"] for s in self._slots.values())
+                    over = held > self.max_resident_bytes and len(self._slots) > 1
+                # a victim's own lock is taken before it leaves the dict: nobody reopens it half-closed
+                victim = next((k for k, s in self._slots.items() if k != keep and s.lock.acquire(blocking=False)), None) if over else None
+                if victim is None:
+                    return
+                slot = self._slots.pop(victim)
+            try:
+                slot.memory.close()
+            finally:
+                slot.lock.release()
+
+    def _delete_if_idle(self, tenant: str, thread: str) -> bool:
+        lock = self._thread_lock((tenant, thread))
+        if not lock.acquire(blocking=False):
+            return False
+        lock.release()
+        return self.delete(tenant, thread)
+
+
+def _dirname(name: str, what: str) -> str:
+    """A directory name for a tenant or thread id: any text, percent-encoded, behind a prefix (so
+    ``..`` or ``/`` can never leave the root).
+
+    >>> _dirname("alice/../x", "thread")
+    't-alice%2F..%2Fx'
+    """
+    if not isinstance(name, str) or not name or len(name) > MAX_ID_CHARS:
+        raise ValueError(f"{what} must be a non-empty str of at most {MAX_ID_CHARS} characters, got {name!r}")
+    return "t-" + quote(name, safe="")
