@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -131,6 +132,46 @@ class Engine:
             start = len(self)
             self.encode(ids, logits="none")
             self.history.extend([Entry(role, content, start, len(self))])
+
+    # ---------------------------------------------------------------------------- forgetting
+    def forget(self, drop: set[int], base=None) -> None:
+        """Remove entries ``drop`` so that nothing derived from them remains: the kept entries are
+        re-encoded from their token ids into a new context (on top of ``base``, a restored
+        ``(context, entries)`` covering only entries before the first dropped one), the index is
+        rebuilt, and an open directory is replaced atomically (:meth:`Durable.replace`)."""
+        rows = [r for i, r in enumerate(self.history.rows(self.ctx.tokens)) if i not in drop]
+        ctx, entries = base if base is not None else (self.forward.new_context(self.config, spill_dir=self.spill_dir), [])
+        history = History(entries)
+        for role, content, ids in rows[len(entries) :]:
+            start = ctx.layout.n_tokens
+            if start == 0 and ids[: len(self.chat.bos)] != self.chat.bos:
+                ids = self.chat.bos + ids  # the first entry was dropped: the new first one needs BOS
+            with ctx.transaction():
+                self.forward(torch.tensor(ids, dtype=torch.long), ctx, logits="none")
+            history.extend([Entry(role, content, start, ctx.layout.n_tokens)])
+        index_path = self.index.path
+        self.index.close()  # derived data holding the dropped text: gone before the commit
+        if index_path is not None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{index_path}{suffix}").unlink(missing_ok=True)
+        if self.durable is not None:
+            try:
+                self.durable.replace(ctx, history)
+            except BaseException:  # nothing was committed: keep the memory as it was
+                ctx.store.close()
+                self.index = LexicalIndex(index_path)
+                self.reindex()
+                raise
+        old, self.ctx, self.history = self.ctx, ctx, history
+        self.cold.attach(ctx)
+        self.clock += 1
+        self.rollbacks.append((self.clock, 0))  # no checkpoint from before survives a forget
+        if self.durable is None and old.store.disk is not None:  # a private spill directory
+            for s in old.store.disk.shards:
+                (old.store.disk.dir / s.file).unlink(missing_ok=True)
+        old.store.close()
+        self.index = LexicalIndex(index_path)
+        self.reindex()
 
     # ---------------------------------------------------------------------------- checkpoints
     def checkpoint(self) -> tuple[object, dict, int, int]:

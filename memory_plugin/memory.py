@@ -138,6 +138,38 @@ class ContextMemory:
         with self._lock:
             return self._engine.append([(None, text)])
 
+    def forget(self, indices: Sequence[int] | None = None, *, where=None) -> int:
+        """Remove entries so that nothing derived from them remains; returns how many.
+
+        ``indices``: positions as in :attr:`entries`; ``where``: a predicate on an
+        :class:`Entry` (either or both). The entries after the first removed one are re-encoded
+        from their token ids (for an open memory, from its last snapshot when that precedes them);
+        an open directory is replaced atomically (a crash leaves it as before or as after) and
+        every file that held the removed entries is deleted. Checkpoints taken before are void.
+
+        Example:
+            >>> mem.forget(where=lambda e: "password" in e.content)  # doctest: +SKIP
+            1
+        """
+        if indices is None and where is None:
+            raise ValueError("forget() needs indices= or where=")
+        if where is not None and not callable(where):
+            raise TypeError(f"where must be a callable taking an Entry, got {type(where).__name__}")
+        if indices is not None and (isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence)):
+            raise TypeError(f"indices must be a list of entry positions, got {type(indices).__name__}")
+        with self._lock:
+            history = self._engine.history
+            drop = set()
+            for i in indices or []:
+                if isinstance(i, bool) or not isinstance(i, int) or not -len(history) <= i < len(history):
+                    raise IndexError(f"indices: {i!r} is not an entry position (the memory has {len(history)} entries)")
+                drop.add(i % len(history))
+            if where is not None:
+                drop |= {i for i, e in enumerate(history) if where(e)}
+            if drop:
+                self._engine.forget(drop, _p.snapshot_base(self._engine, min(drop)))
+            return len(drop)
+
     def checkpoint(self) -> Checkpoint:
         """A handle to the current state; :meth:`rollback` returns to it (branching, undo).
 

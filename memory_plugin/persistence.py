@@ -6,6 +6,7 @@ A memory directory holds::
                            their sha256; replaced atomically, so it always names a consistent set
     log.sqlite             every entry (role, content, token ids) in order; SQLite in WAL mode,
                            committed before add_* returns: the durable record of the history
+                           (``log-<id>.sqlite`` after a forget: the manifest names the live one)
     state-<n>.safetensors  init tokens, local window and attention mass at the snapshot
     blocks-*.safetensors   KV and representative keys of memory blocks, append-only shards
     index.sqlite           the lexical index of the entries (derived: repaired from the log on open)
@@ -36,7 +37,7 @@ from .history import spans
 from .lexical import LexicalIndex
 from .loading import model_fingerprint  # noqa: F401  (its old home: re-exported)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest names its log (forget writes a new one); 1 is read as log.sqlite
 # Config fields added after format 1 was first written, with the value that reproduces how a memory
 # saved without them was built (a newer default must not silently change an old memory).
 _CONFIG_BEFORE_FIELD = {"relevance": "dot"}
@@ -160,6 +161,7 @@ class Manifest:
     config: dict
     n_tokens: int = 0  # tokens covered by the snapshot
     n_entries: int = 0  # log entries covered by the snapshot
+    log: str = LOG  # the log file (a forget commits a new one by naming it here)
     state: dict | None = None  # {"file", "sha256"}
     shards: list[ShardInfo] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
@@ -194,7 +196,7 @@ class Manifest:
             raise MemoryFormatError(f"{path}: unexpected fields ({e})") from e
 
     def files(self) -> set[str]:
-        out = {s.file for s in self.shards}
+        out = {s.file for s in self.shards} | {self.log}
         if self.state:
             out.add(self.state["file"])
         return out
@@ -247,7 +249,14 @@ class Durable:
     to the log before ``add_*`` returns; snapshots follow every few thousand tokens."""
 
     def __init__(
-        self, directory: Path, lock: DirLock, fingerprint: str, model_name: str, config, every: int = SNAPSHOT_EVERY_TOKENS
+        self,
+        directory: Path,
+        lock: DirLock,
+        fingerprint: str,
+        model_name: str,
+        config,
+        manifest: Manifest | None,
+        every: int = SNAPSHOT_EVERY_TOKENS,
     ):
         if every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {every}")
@@ -255,8 +264,9 @@ class Durable:
         self.dir = Path(directory)
         self.lock = lock
         self.fingerprint, self.model_name, self.config = fingerprint, model_name, config
-        self.log = MemoryLog(self.dir / LOG)
-        self.manifest: Manifest | None = None
+        self.manifest = manifest
+        self.log_name = manifest.log if manifest is not None else LOG
+        self.log = MemoryLog(self.dir / self.log_name)
 
     def record(self, rows: list[tuple[str | None, str, list[int]]]) -> None:
         self.log.append(rows)
@@ -269,8 +279,21 @@ class Durable:
 
     def snapshot(self, ctx, history) -> None:
         """Make the directory describe the memory exactly as it is now."""
-        self.manifest = write_snapshot(self.dir, ctx, history, self.config, self.fingerprint, self.model_name)
+        self.manifest = write_snapshot(self.dir, ctx, history, self.config, self.fingerprint, self.model_name, self.log_name)
         collect_garbage(self.dir, self.manifest, ctx.store)
+
+    def replace(self, ctx, history) -> None:
+        """Make ``ctx`` and ``history`` (a rebuilt memory: after a forget) the directory's memory,
+        atomically: everything is written to new files first, and the manifest naming them is the
+        commit; a crash before it leaves the old memory, after it the new one. Then every file
+        holding what was dropped is deleted."""
+        name = f"log-{os.urandom(4).hex()}.sqlite"
+        log = MemoryLog(self.dir / name)
+        log.append(history.rows(ctx.tokens))
+        manifest = write_snapshot(self.dir, ctx, history, self.config, self.fingerprint, self.model_name, name)
+        self.log.close()
+        self.log, self.log_name, self.manifest = log, name, manifest
+        collect_garbage(self.dir, manifest, ctx.store)
 
     def truncate_log(self, n_entries: int) -> None:
         self.log.truncate(n_entries)
@@ -280,7 +303,7 @@ class Durable:
         self.lock.release()
 
 
-def write_snapshot(directory: Path, ctx, history, config, fingerprint: str, model_name: str) -> Manifest:
+def write_snapshot(directory: Path, ctx, history, config, fingerprint: str, model_name: str, log: str = LOG) -> Manifest:
     """Blocks not yet on disk -> a new shard; window state -> a new state file; then the manifest."""
     ctx.store.flush()
     name, state = write_state(Path(directory), ctx)
@@ -292,6 +315,7 @@ def write_snapshot(directory: Path, ctx, history, config, fingerprint: str, mode
         n_entries=len(history),
         state=state,
         shards=[ShardInfo(**s.to_dict()) for s in ctx.store.disk.shards] if ctx.store.disk else [],
+        log=log,
     )
     manifest.write(directory)
     return manifest
@@ -301,8 +325,9 @@ def collect_garbage(directory: Path, manifest: Manifest, store) -> None:
     """Remove files neither the manifest nor the live store needs (old snapshots, dropped shards,
     temp files of an interrupted write)."""
     keep = manifest.files() | ({s.file for s in store.disk.shards} if store.disk else set())
+    keep |= {f"{manifest.log}{suffix}" for suffix in ("-wal", "-shm")}
     for f in Path(directory).iterdir():
-        stale = f.name.startswith(("blocks-", "state-")) and f.name not in keep
+        stale = f.name.startswith(("blocks-", "state-", "log")) and f.name not in keep
         if stale or (f.name.startswith(".") and ".tmp-" in f.name):
             f.unlink(missing_ok=True)
 
@@ -393,14 +418,15 @@ def restore(ctx, directory: Path, manifest: Manifest, *, verify: bool = True) ->
     if verify:
         for s in manifest.shards:
             verify_file(directory, s.file, s.sha256, s.nbytes)
-    entries = MemoryLog(directory / LOG, readonly=True) if (directory / LOG).exists() else None
+    log = directory / manifest.log
+    entries = MemoryLog(log, readonly=True) if log.exists() else None
     if entries is None:
-        raise MemoryFormatError(f"{directory / LOG}: missing; the memory's log is required")
+        raise MemoryFormatError(f"{log}: missing; the memory's log is required")
     rows = entries.read()
     entries.close()
     if len(rows) < manifest.n_entries:
         raise MemoryFormatError(
-            f"{directory / LOG}: holds {len(rows)} entries but the snapshot covers {manifest.n_entries}; "
+            f"{log}: holds {len(rows)} entries but the snapshot covers {manifest.n_entries}; "
             "the log was truncated or replaced"
         )
     kept, tokens = spans(rows[: manifest.n_entries])
@@ -470,8 +496,7 @@ def open_into(engine, directory: Path, lock: DirLock, manifest: Manifest | None,
         read_manifest_for(directory, engine.fingerprint, engine.model_name)
         entries, tail = restore(engine.ctx, directory, manifest, verify=verify)
         engine.history.extend(entries)
-    durable = Durable(directory, lock, engine.fingerprint, engine.model_name, engine.config, every)
-    durable.manifest = manifest
+    durable = Durable(directory, lock, engine.fingerprint, engine.model_name, engine.config, manifest, every)
     engine.replay(tail)
     engine.reindex(LexicalIndex(directory / INDEX))
     engine.durable = durable
@@ -479,3 +504,15 @@ def open_into(engine, directory: Path, lock: DirLock, manifest: Manifest | None,
         durable.maybe_snapshot(engine.ctx, engine.history)
     else:
         durable.snapshot(engine.ctx, engine.history)
+
+
+def snapshot_base(engine, first_dropped: int):
+    """For a forget: the open directory's snapshot as ``(context, entries)`` when it covers only
+    entries before ``first_dropped`` (then only the log after it is re-encoded), else None."""
+    durable = engine.durable
+    m = durable.manifest if durable is not None else None
+    if m is None or not 0 < m.n_entries <= first_dropped:
+        return None
+    ctx = engine.forward.new_context(engine.config, spill_dir=durable.dir)
+    entries, _ = restore(ctx, durable.dir, m, verify=False)
+    return ctx, entries
