@@ -130,6 +130,28 @@ class MemoryPool:
             slot.messages = msgs
             yield Conversation(slot.memory, reused, new, f"{tenant}/{thread}")
 
+    def forget(self, tenant: str, thread: str, indices: Sequence[int] | None = None, *, where=None) -> int:
+        """:meth:`ContextMemory.forget` on the thread's memory (created if new); returns how many
+        entries were removed."""
+        with self._checkout(tenant, thread) as slot:
+            n = slot.memory.forget(indices, where=where)
+            msgs = slot.memory.messages
+            slot.messages = None if any(m["role"] is None for m in msgs) else msgs
+            slot.before_last = None
+            return n
+
+    def find_thread(self, tenant: str, messages: Sequence[dict]) -> str | None:
+        """The open thread of ``tenant`` whose messages are the longest prefix of ``messages`` (what
+        a client that names no thread continues), or None. Only open threads are searched."""
+        msgs = check_messages(messages)
+        best, found = 0, None
+        with self._lock:
+            for (t, thread), slot in self._slots.items():
+                held = slot.messages
+                if t == tenant and held and len(held) <= len(msgs) and msgs[: len(held)] == held and len(held) > best:
+                    best, found = len(held), thread
+        return found
+
     def threads(self, tenant: str) -> list[ThreadInfo]:
         """The tenant's threads, most recently active first."""
         base = self.root / _dirname(tenant, "tenant")

@@ -181,3 +181,17 @@ def test_different_threads_run_concurrently_one_thread_is_serialised(make_pool):
     assert {t.thread for t in pool.threads("acme")} == {"a", "b"}
     with pool.conversation("acme", "a", CONV) as c:
         assert c.memory.messages == CONV  # two concurrent calls on "a" left it whole
+
+
+def test_forget_and_find_thread(make_pool, tmp_path):
+    pool = make_pool()
+    with pool.conversation("acme", "t", CONV):
+        pass
+    assert pool.find_thread("acme", CONV + [ASK]) == "t" and pool.find_thread("acme", CONV[:1]) is None
+    assert pool.find_thread("other", CONV + [ASK]) is None  # another tenant's thread is never found
+    assert pool.forget("acme", "t", where=lambda e: "4721" in e.content) == 1
+    assert b"4721" not in b"".join(f.read_bytes() for f in (tmp_path / "root").rglob("*") if f.is_file())
+    kept = [CONV[0], CONV[2]]
+    assert pool.find_thread("acme", kept) == "t"
+    with pool.conversation("acme", "t", kept + [ASK]) as c:  # continues what is left, re-encoding nothing
+        assert c.memory.messages == kept + [ASK] and c.reused_tokens > 0
