@@ -4,9 +4,7 @@ conversation is encoded once, not on every call."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import contextvars
 import difflib
 import json
 import threading
@@ -32,9 +30,12 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import Self
 
 from memory_plugin import Answer, ContextMemory, ConversationPool, MemoryConfig, MemoryHit
+from memory_plugin.bridge import iterate_in_thread
 from memory_plugin.chat import ChatFormat
+from memory_plugin.loading import DEFAULT_MODEL_NAME
 from memory_plugin.memory import PLACED_HEADER
-from memory_plugin.model import DEFAULT_MODEL_NAME
+from memory_plugin.sampling import SamplingOptions
+from memory_plugin.tools import tools_system
 
 from ._format import (
     JSON_MODE_PROMPT,
@@ -45,9 +46,7 @@ from ._format import (
     ReplyParser,
     first_system_text,
     message_text,
-    native_tools_system,
     to_core_messages,
-    tools_prompt,
 )
 from ._loading import load_shared_model
 
@@ -92,7 +91,8 @@ class ContextMemoryChatModel(BaseChatModel):
     model's trained context work.
 
     Tool calling uses the model's chat template when it renders tools, else the documented prompt
-    format of :mod:`langchain_memory_plugin._format` (``<tool_call>{"name", "arguments"}</tool_call>``).
+    format of :mod:`memory_plugin.tools` (``<tool_call>{"name", "arguments"}</tool_call>``), the one
+    every front end of memory_plugin writes into a memory.
 
     Example:
         >>> from langchain_memory_plugin import ContextMemoryChatModel
@@ -199,22 +199,7 @@ class ContextMemoryChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        text, calls, invalid, done = [], [], [], None
-        for kind, value in self._events(messages, stop, kwargs):
-            if kind == "text":
-                text.append(value)
-            elif kind == "call":
-                (calls if value["type"] == "tool_call" else invalid).append(value)
-            else:
-                done = value
-        message = AIMessage(
-            content="".join(text),
-            tool_calls=calls,
-            invalid_tool_calls=invalid,
-            usage_metadata=_usage(done),
-            response_metadata=_response_metadata(done),
-        )
-        return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": done.model_name})
+        return _result(self._events(messages, stop, kwargs))
 
     def _stream(
         self,
@@ -236,8 +221,9 @@ class ContextMemoryChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         # Generation is blocking torch work: a worker thread keeps the event loop free. The memory's
-        # own lock (one per conversation) serialises calls on the same conversation.
-        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+        # own lock (one per conversation) serialises calls on the same conversation; a cancelled
+        # call stops generating at its next token (see memory_plugin.bridge).
+        return _result([event async for event in iterate_in_thread(lambda: self._events(messages, stop, kwargs))])
 
     async def _astream(
         self,
@@ -248,7 +234,7 @@ class ContextMemoryChatModel(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         # The whole sync generator runs in one worker thread (the memory's lock is re-entrant per
         # thread, so a generator must not hop between executor threads) and hands chunks over.
-        async for chunk in _in_thread(lambda: self._chunks(messages, stop, kwargs)):
+        async for chunk in iterate_in_thread(lambda: self._chunks(messages, stop, kwargs)):
             if run_manager and isinstance(chunk.message.content, str) and chunk.message.content:
                 await run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
             yield chunk
@@ -278,24 +264,16 @@ class ContextMemoryChatModel(BaseChatModel):
 
     def _events(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> Iterator[tuple[str, Any]]:
         """The reply as events: ("text", str), ("call", ToolCall | InvalidToolCall), ("done", _Done)."""
-        max_tokens = _positive_int(kwargs.get("max_tokens", self.max_tokens), "max_tokens")
-        temperature = float(kwargs.get("temperature", self.temperature))
-        top_p = float(kwargs.get("top_p", self.top_p))
-        seed = kwargs.get("seed", self.seed)
-        recall = kwargs.get("recall", self.recall)
-        if recall is not None and (isinstance(recall, bool) or not isinstance(recall, int) or recall < 0):
-            raise ValueError(f"recall must be None or a non-negative int, got {recall!r}")
-        explain = bool(kwargs.get("explain", self.explain))
-        stops = list(stop if stop is not None else (self.stop or []))
+        opts = self._options(kwargs, stop)
+        max_tokens, recall, explain = opts.max_new_tokens, opts.recall, opts.explain
         pool, name = self._pool(kwargs.get("model"))
-        plan = self._plan(messages, pool.tokenizer, kwargs, stops)
+        plan = self._plan(messages, pool.tokenizer, kwargs, list(opts.stop))
         thread_id = kwargs.get("thread_id") or _config_thread_id()
         parser = ReplyParser(tools=plan.parse_tools)
         watcher = JsonObjectEnd() if plan.json_object else None
         with pool.conversation(plan.messages, thread_id=thread_id) as conv:
             mem = conv.memory
             reused = conv.reused_tokens
-            sampling = dict(temperature=temperature, top_p=top_p, seed=seed)
             guided = plan.force is not None or plan.schema is not None
             prefill = "{" if plan.json_object else ""
             placed: list[MemoryHit] | None = None  # None: the core places (and reports) them itself
@@ -311,10 +289,10 @@ class ContextMemoryChatModel(BaseChatModel):
                 placed = placed if header else []
                 gen_prompt = header + gen_prompt
             prompt_tokens = len(mem) + len(_encode(pool.tokenizer, gen_prompt))
-            turn = dict(recall=recall if placed is None else 0, explain=explain)
+            turn = opts.replace(recall=recall if placed is None else 0, stop=plan.stop)
             answer: Answer | None = None
             if guided:
-                guide = _Guide(mem, pool.tokenizer, gen_prompt, max_tokens, sampling, explain=explain)
+                guide = _Guide(mem, pool.tokenizer, gen_prompt, opts)
                 if plan.force is not None:
                     reply = guide.tool_call(plan.functions, plan.force or None)
                 else:
@@ -324,17 +302,13 @@ class ContextMemoryChatModel(BaseChatModel):
                 yield from parser.feed(reply)
             else:
                 if prefill or plan.head:  # the turn's start is given: written as raw text, then continued
-                    pieces = mem.stream(
-                        gen_prompt + prefill, max_tokens, chat=False, stop=plan.stop or None, **sampling, **turn
-                    )
+                    pieces = mem.stream(gen_prompt + prefill, chat=False, **turn.as_kwargs())
                     prompt_tokens += len(_encode(pool.tokenizer, prefill))
                     if watcher:
                         watcher.feed(prefill)
                     yield from parser.feed(prefill)
                 else:
-                    pieces = mem.stream(
-                        None, max_tokens, min_new_tokens=1, stop=plan.stop or None, **sampling, **turn
-                    )
+                    pieces = mem.stream(None, **turn.replace(min_new_tokens=1).as_kwargs())
                 generated = ""
                 with contextlib.closing(pieces):  # stopping early ends the turn and restores the memory
                     for piece in pieces:
@@ -371,8 +345,7 @@ class ContextMemoryChatModel(BaseChatModel):
         content = None  # the first system message's new content, when tools are offered
         use_tools = bool(functions)
         if use_tools:
-            native = native_tools_system(tokenizer, functions, system)
-            content = native if native is not None else _join(system, tools_prompt(functions))
+            content = tools_system(tokenizer, functions, system)
         plan = _Plan(to_core_messages(messages, content), stop=list(stop), parse_tools=use_tools and choice != "none")
         plan.head = head
         plan.query = plan.messages[-1]["content"] if plan.messages else ""
@@ -409,6 +382,20 @@ class ContextMemoryChatModel(BaseChatModel):
                     )
                 self._pools[key] = pool
         return pool, self._model_name(key)
+
+    def _options(self, kwargs: dict, stop: list[str] | None) -> SamplingOptions:
+        """This call's generation options: its keyword arguments over the model's fields."""
+        defaults = SamplingOptions(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+            recall=self.recall,
+            explain=self.explain,
+        )
+        given = {k: kwargs[k] for k in _CALL_OPTIONS if k in kwargs}
+        return defaults.updated({**given, "stop": stop}, names={"max_tokens": "max_new_tokens"})
 
     def _model_name(self, key: str | None) -> str:
         if key is not None:
@@ -497,13 +484,12 @@ class _Guide:
     they write JSON; an unparseable value still ends up as an invalid tool call.
     """
 
-    def __init__(
-        self, mem: ContextMemory, tokenizer, gen_prompt: str, budget: int, sampling: dict, *, explain: bool = False
-    ):
+    def __init__(self, mem: ContextMemory, tokenizer, gen_prompt: str, options: SamplingOptions):
         self.mem, self.tokenizer, self.gen_prompt = mem, tokenizer, gen_prompt
-        self.budget, self.sampling = budget, sampling
+        self.options = options.replace(recall=0, min_new_tokens=0)
+        self.budget = options.max_new_tokens
         self.used = 0
-        self.explain = explain
+        self.explain = options.explain
         self.attended: dict[tuple[int, int], MemoryHit] = {}
 
     def _generate(self, text: str, stop: list[str], limit: int) -> str | None:
@@ -513,7 +499,7 @@ class _Guide:
         if n <= 0:
             return None
         out = self.mem.generate(
-            self.gen_prompt + text, n, chat=False, stop=stop, recall=0, explain=self.explain, **self.sampling
+            self.gen_prompt + text, chat=False, **self.options.replace(max_new_tokens=n, stop=stop).as_kwargs()
         )
         if self.explain:
             for hit in out.attended:
@@ -605,6 +591,30 @@ def _closest_name(guess: str, names: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------- helpers
+_CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "recall", "explain")
+"""The generation options a call's keyword arguments may set (``stop`` is an argument of its own)."""
+
+
+def _result(events: Iterator[tuple[str, Any]] | list[tuple[str, Any]]) -> ChatResult:
+    """The whole reply of :meth:`ContextMemoryChatModel._events` as one message."""
+    text, calls, invalid, done = [], [], [], None
+    for kind, value in events:
+        if kind == "text":
+            text.append(value)
+        elif kind == "call":
+            (calls if value["type"] == "tool_call" else invalid).append(value)
+        else:
+            done = value
+    message = AIMessage(
+        content="".join(text),
+        tool_calls=calls,
+        invalid_tool_calls=invalid,
+        usage_metadata=_usage(done),
+        response_metadata=_response_metadata(done),
+    )
+    return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": done.model_name})
+
+
 def _thread_of(config: RunnableConfig | None) -> str | None:
     """The conversation's key in a run config: LangGraph's ``thread_id``, else the ``session_id`` of
     ``RunnableWithMessageHistory``."""
@@ -653,16 +663,6 @@ def _format_prompt(response_format: dict) -> str:
     if response_format.get("type") == "json_schema" and response_format.get("schema"):
         return JSON_SCHEMA_PROMPT.format(schema=json.dumps(response_format["schema"], ensure_ascii=False))
     return JSON_MODE_PROMPT
-
-
-def _join(first: str | None, second: str) -> str:
-    return f"{first}\n\n{second}" if first else second
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 _FORMATS: dict[int, ChatFormat] = {}  # each holds its tokenizer, so the id is not reused
@@ -720,48 +720,3 @@ def _response_metadata(done: _Done) -> dict:
     if done.memory is not None:
         meta["memory"] = done.memory
     return meta
-
-
-_END = object()
-
-
-async def _in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Run the iterator ``make()`` in a worker thread, yielding its items without blocking the loop.
-
-    Closing the async iterator early stops the worker at its next item (the sync iterator is closed
-    in its own thread, which ends the generation turn and releases the memory's lock).
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancelled = threading.Event()
-
-    def produce() -> None:
-        try:
-            it = make()
-            try:
-                for item in it:
-                    if cancelled.is_set():
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, (item, None))
-            finally:
-                close = getattr(it, "close", None)
-                if close:
-                    close()
-        except BaseException as e:  # handed to the consumer, raised there
-            loop.call_soon_threadsafe(queue.put_nowait, (_END, e))
-        else:
-            loop.call_soon_threadsafe(queue.put_nowait, (_END, None))
-
-    ctx = contextvars.copy_context()
-    worker = loop.run_in_executor(None, ctx.run, produce)
-    try:
-        while True:
-            item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is _END:
-                break
-            yield item
-    finally:
-        cancelled.set()
-        await asyncio.shield(worker)
