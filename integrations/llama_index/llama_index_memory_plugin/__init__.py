@@ -3,11 +3,22 @@
 * :class:`ContextMemoryQueryEngine`: a query engine answering by attention over a whole corpus.
 * :class:`ContextMemoryLLM`: a ``CustomLLM`` whose chats reuse their already-encoded prefixes.
 * :class:`ContextMemoryBlock`: a ``Memory`` block giving agents long-term chat memory.
+* :func:`to_memory_messages` / :func:`to_chat_messages`: chat messages to a memory's stored
+  messages and back, tool calls included, in the core's one tool-call format (the LangChain
+  adapter's too).
 """
 
+from ._common import to_chat_messages, to_memory_messages
 from .llm import MEMORY_CONTEXT_WINDOW, ContextMemoryLLM
 from .memory_block import ContextMemoryBlock
 from .query_engine import ContextMemoryQueryEngine
 
-__all__ = ["MEMORY_CONTEXT_WINDOW", "ContextMemoryBlock", "ContextMemoryLLM", "ContextMemoryQueryEngine"]
+__all__ = [
+    "MEMORY_CONTEXT_WINDOW",
+    "ContextMemoryBlock",
+    "ContextMemoryLLM",
+    "ContextMemoryQueryEngine",
+    "to_chat_messages",
+    "to_memory_messages",
+]
 __version__ = "0.1.0"

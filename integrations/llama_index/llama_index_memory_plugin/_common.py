@@ -1,17 +1,20 @@
-"""Helpers shared by the query engine, the LLM and the memory block."""
+"""LlamaIndex chat messages to and from a memory's ``{"role", "content"}`` dicts, shared by the LLM
+and the memory block.
+
+Tool calls and results are written in the core's one format (:mod:`memory_plugin.tools`), the one
+the LangChain adapter writes too: a conversation stored through either front end is the same memory
+and reads back the same through the other.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, TextBlock, ToolCallBlock
 
-
-T = TypeVar("T")
+from memory_plugin import tools
 
 # LlamaIndex roles onto the four the memory's chat template knows.
 _ROLES = {
@@ -27,26 +30,39 @@ _ROLES = {
 
 
 def message_text(message: ChatMessage) -> str:
-    """The text of a chat message: its text blocks, plus any tool calls written out, since a local
-    model sees tool calls only as text (FunctionAgent stores them as blocks with empty content)."""
-    parts = []
-    for block in message.blocks:
-        if isinstance(block, TextBlock):
-            parts.append(block.text)
-        elif isinstance(block, ToolCallBlock):
-            args = block.tool_kwargs if isinstance(block.tool_kwargs, str) else json.dumps(block.tool_kwargs)
-            parts.append(f"[tool call] {block.tool_name}({args})")
+    """The text a memory stores for a chat message: its text blocks, then its tool calls in the
+    core format (a local model sees calls only as text; FunctionAgent stores them as blocks with
+    empty content)."""
+    text = "\n".join(b.text for b in message.blocks if isinstance(b, TextBlock) and b.text)
+    return tools.render_message(text, tool_calls(message))
+
+
+def tool_calls(message: ChatMessage) -> list[tuple[str, Any]]:
+    """A message's tool calls as ``(name, arguments)``: its ``ToolCallBlock``s, or, for a message
+    without any, the OpenAI-style entries of ``additional_kwargs["tool_calls"]`` (objects or dicts
+    with ``function.name``/``function.arguments``, or ``ToolSelection``-like ``tool_name``/``tool_kwargs``).
+    A message that carries its calls both ways (as :func:`to_chat_messages` writes them) counts them once."""
+    blocks = [(b.tool_name, b.tool_kwargs) for b in message.blocks if isinstance(b, ToolCallBlock)]
+    if blocks:
+        return blocks
+    calls = []
     for call in message.additional_kwargs.get("tool_calls") or []:
-        fn = getattr(call, "function", None) or (call.get("function") if isinstance(call, dict) else None)
+        fn = _field(call, "function")
         if fn is not None:
-            name = getattr(fn, "name", None) or (fn.get("name") if isinstance(fn, dict) else None)
-            args = getattr(fn, "arguments", None) or (fn.get("arguments") if isinstance(fn, dict) else "")
-            parts.append(f"[tool call] {name}({args})")
-    return "\n".join(p for p in parts if p)
+            name, args = _field(fn, "name"), _field(fn, "arguments")
+        else:
+            name, args = _field(call, "tool_name"), _field(call, "tool_kwargs")
+        if isinstance(name, str) and name.strip():
+            calls.append((name, args))
+    return calls
+
+
+def _field(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
 
 
 def to_memory_messages(messages: Sequence[ChatMessage]) -> list[dict]:
-    """LlamaIndex chat messages as the memory's ``{"role", "content"}`` dicts. Messages with no text
+    """LlamaIndex chat messages as a memory's ``{"role", "content"}`` dicts. Messages with no text
     are dropped: the memory stores text only and rejects empty messages."""
     out = []
     for m in messages:
@@ -57,50 +73,38 @@ def to_memory_messages(messages: Sequence[ChatMessage]) -> list[dict]:
     return out
 
 
-async def iterate_in_thread(make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Consume a blocking iterator on one worker thread and yield its items to the event loop.
+def to_chat_messages(messages: Sequence[dict]) -> list[ChatMessage]:
+    """A memory's stored messages (``memory.messages``) back as LlamaIndex chat messages.
 
-    One thread for the whole iteration matters: a memory's stream holds the memory's (re-entrant,
-    thread-owned) lock from its first item to its last. If the consumer stops early, the iterator is
-    closed on that same thread, which ends the turn and restores the memory.
+    An assistant message's tool calls come back as ``ToolCallBlock``s (as FunctionAgent keeps them)
+    and as OpenAI-style ``additional_kwargs["tool_calls"]`` (as function-calling LLMs return them);
+    a tool message carries ``additional_kwargs["tool_call_id"]``. The memory keeps no call ids: they
+    come from the calls' positions (see :func:`memory_plugin.tools.read_messages`). A malformed call
+    stays in the text as the model wrote it. Entries without a role (``add_text`` documents) are
+    left out.
+
+    Example:
+        >>> to_chat_messages(memory.messages)  # doctest: +SKIP
     """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-    end = object()
+    out = []
+    for m in tools.read_messages(messages):
+        if m.role == "assistant" and (m.calls or m.invalid_calls):
+            text = "\n".join([m.content] * bool(m.content) + [c.raw for c in m.invalid_calls])
+            blocks: list = [TextBlock(text=text)] if text else []
+            blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.args) for c in m.calls]
+            openai = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _json(c.args)}}
+                for c in m.calls
+            ]
+            extra = {"tool_calls": openai} if openai else {}
+            out.append(ChatMessage(role=m.role, blocks=blocks, additional_kwargs=extra))
+        elif m.role == "tool":
+            extra = {"tool_call_id": m.tool_call_id} if m.tool_call_id else {}
+            out.append(ChatMessage(role=m.role, content=m.content, additional_kwargs=extra))
+        else:
+            out.append(ChatMessage(role=m.role, content=m.content))
+    return out
 
-    def put(item, error=None):
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (item, error))
-        except RuntimeError:  # the loop is gone: nobody is listening any more
-            stop.set()
 
-    def work():
-        it = None
-        try:
-            it = make_iter()
-            for item in it:
-                put(item)
-                if stop.is_set():
-                    break
-        except BaseException as e:  # handed to the consumer, raised there
-            put(end, e)
-            return
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-        put(end)
-
-    worker = loop.run_in_executor(None, work)
-    try:
-        while True:
-            item, error = await queue.get()
-            if item is end:
-                if error is not None:
-                    raise error
-                break
-            yield item
-    finally:
-        stop.set()
-        await asyncio.shield(worker)
+def _json(args: dict) -> str:
+    return json.dumps(args, ensure_ascii=False)

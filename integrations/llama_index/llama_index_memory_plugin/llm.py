@@ -7,8 +7,7 @@ LangChain adapter), so each call encodes only the messages that are new since th
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -27,8 +26,11 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from memory_plugin import ContextMemory, ConversationPool, MemoryConfig, load_model
+from memory_plugin.bridge import iterate_in_thread
+from memory_plugin.loading import DEFAULT_MODEL_NAME
+from memory_plugin.sampling import SamplingOptions
 
-from ._common import iterate_in_thread, to_memory_messages
+from ._common import to_memory_messages
 
 MEMORY_CONTEXT_WINDOW = 131_072
 """Reported as ``metadata.context_window``: what one conversation may hold. The memory has no hard
@@ -50,8 +52,13 @@ class ContextMemoryLLM(CustomLLM):
       much better than chat questions.
 
     Per-call keyword arguments: ``max_new_tokens`` (or ``max_tokens``), ``temperature``, ``top_p``,
-    ``stop``, ``seed``, ``recall``, ``explain``, ``thread_id`` (chat only). Async methods run the
-    model on a worker thread.
+    ``stop``, ``seed``, ``recall``, ``explain`` (checked as :class:`memory_plugin.sampling.SamplingOptions`),
+    ``thread_id`` (chat only). Async methods run the model on a worker thread; cancelling one stops
+    the generation at its next token.
+
+    Tool calls and results in the messages are stored in the core's tool-call format
+    (:mod:`memory_plugin.tools`), as the LangChain adapter stores them; read a memory's messages
+    back with :func:`llama_index_memory_plugin.to_chat_messages`.
 
     Recall: before each chat reply the passages of the conversation that the memory's hybrid search
     finds for the last message are placed verbatim before it (``recall``: how many, default the
@@ -99,15 +106,16 @@ class ContextMemoryLLM(CustomLLM):
         with an optional ``config``."""
         if memory is not None:
             pool = ConversationPool(memory=memory, max_conversations=max_conversations)
-            name = memory.model_name
+            kwargs.setdefault("model_name", memory.model_name)
         else:
             pool = ConversationPool(model, tokenizer, config, max_conversations=max_conversations)
-            name = getattr(model.config, "_name_or_path", None) or model.config.model_type
-        kwargs.setdefault("model_name", name)
+        # Completions start from an empty history; generate() leaves it empty again. Unnamed, the
+        # model's name is the one the core gives a memory on it.
+        scratch = ContextMemory(pool.model, pool.tokenizer, pool.config, model_name=kwargs.get("model_name"))
+        kwargs.setdefault("model_name", scratch.model_name)
         super().__init__(**kwargs)
         self._pool = pool
-        # Completions start from an empty history; generate() leaves it empty again.
-        self._scratch = ContextMemory(pool.model, pool.tokenizer, pool.config, model_name=self.model_name)
+        self._scratch = scratch
 
     @classmethod
     def from_pretrained(
@@ -121,8 +129,6 @@ class ContextMemoryLLM(CustomLLM):
     ) -> ContextMemoryLLM:
         """Load ``model`` (None: the embedded SmolLM2-135M-Instruct; see
         :meth:`memory_plugin.ContextMemory.from_pretrained`)."""
-        from memory_plugin.model import DEFAULT_MODEL_NAME
-
         hf_model, tokenizer = load_model(model, device=device, dtype=dtype)
         kwargs.setdefault("model_name", DEFAULT_MODEL_NAME if model is None else str(model))
         return cls(model=hf_model, tokenizer=tokenizer, config=config, **kwargs)
@@ -161,7 +167,7 @@ class ContextMemoryLLM(CustomLLM):
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await asyncio.to_thread(lambda: _last(self._completion_responses(prompt, formatted, kwargs)))
+        return await _alast(lambda: self._completion_responses(prompt, formatted, kwargs))
 
     @llm_completion_callback()
     async def astream_complete(
@@ -180,7 +186,7 @@ class ContextMemoryLLM(CustomLLM):
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
         opts, _ = self._options(kwargs)
-        pieces = self._scratch.stream(prompt, chat=False, **opts)
+        pieces = self._scratch.stream(prompt, chat=False, **opts.as_kwargs())
         text = ""
         try:
             for piece in pieces:
@@ -189,7 +195,7 @@ class ContextMemoryLLM(CustomLLM):
                     yield CompletionResponse(text=text, delta=piece)
         finally:
             pieces.close()
-        extra = {"memory": pieces.explanation.sources()} if opts.get("explain") else {}
+        extra = {"memory": pieces.explanation.sources()} if opts.explain else {}
         if not stream:
             yield CompletionResponse(text=text, additional_kwargs=extra)
         elif extra:
@@ -206,7 +212,7 @@ class ContextMemoryLLM(CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await asyncio.to_thread(lambda: _last(self._chat_responses(messages, kwargs)))
+        return await _alast(lambda: self._chat_responses(messages, kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -230,7 +236,7 @@ class ContextMemoryLLM(CustomLLM):
                 "memory_tokens": len(conv.memory),
             }
             text = ""
-            pieces = conv.memory.stream(None, **opts)
+            pieces = conv.memory.stream(None, **opts.as_kwargs())
             try:
                 for piece in pieces:
                     text += piece
@@ -238,7 +244,7 @@ class ContextMemoryLLM(CustomLLM):
                         yield self._chat_response(text, piece, usage)
             finally:
                 pieces.close()
-            extra = {"memory": pieces.explanation.sources()} if opts.get("explain") else {}
+            extra = {"memory": pieces.explanation.sources()} if opts.explain else {}
             if not stream:
                 yield self._chat_response(text, text, {**usage, **extra})
             elif extra:
@@ -252,24 +258,35 @@ class ContextMemoryLLM(CustomLLM):
             additional_kwargs=dict(extra),
         )
 
-    def _options(self, kwargs: dict) -> tuple[dict, str | None]:
-        kwargs = dict(kwargs)
-        thread_id = kwargs.pop("thread_id", None)
-        max_new = kwargs.pop("max_new_tokens", None) or kwargs.pop("max_tokens", None) or self.max_new_tokens
-        opts = {
-            "max_new_tokens": int(max_new),
-            "temperature": kwargs.pop("temperature", self.temperature),
-            "top_p": kwargs.pop("top_p", self.top_p),
-            "stop": kwargs.pop("stop", self.stop),
-            "seed": kwargs.pop("seed", None),
-            "recall": kwargs.pop("recall", self.recall),
-            "explain": bool(kwargs.pop("explain", self.explain)),
-        }
-        return opts, thread_id
+    def _options(self, kwargs: dict) -> tuple[SamplingOptions, str | None]:
+        """This call's generation options (its keyword arguments over the fields) and thread id."""
+        defaults = SamplingOptions(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            recall=self.recall,
+            explain=self.explain,
+        )
+        given = {k: kwargs[k] for k in _CALL_OPTIONS if k in kwargs}
+        return defaults.updated(given, names=_NAMES), kwargs.get("thread_id")
+
+
+_CALL_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "stop", "seed", "recall", "explain")
+"""The generation options a call's keyword arguments may set."""
+_NAMES = {"max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens"}  # either name, this one first
 
 
 def _last(responses: Iterator[Any]) -> Any:
     out = None
     for out in responses:
+        pass
+    return out
+
+
+async def _alast(make: Callable[[], Iterator[Any]]) -> Any:
+    """The last item of ``make()``, run on a worker thread (see :mod:`memory_plugin.bridge`)."""
+    out = None
+    async for out in iterate_in_thread(make):
         pass
     return out

@@ -41,8 +41,8 @@ from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 from tqdm.auto import tqdm
 
 from memory_plugin import ContextMemory, MemoryConfig, MemoryHit
-
-from ._common import iterate_in_thread
+from memory_plugin.bridge import iterate_in_thread
+from memory_plugin.sampling import SamplingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,6 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
             raise ValueError(f"similarity_top_k must be a non-negative int, got {similarity_top_k!r}")
         if mode not in ("hybrid", "lexical", "attention"):
             raise ValueError(f"mode must be 'hybrid', 'lexical' or 'attention', got {mode!r}")
-        if recall is not None and (isinstance(recall, bool) or not isinstance(recall, int) or recall < 0):
-            raise ValueError(f"recall must be None or a non-negative int, got {recall!r}")
         super().__init__(callback_manager=callback_manager)
         self._memory = memory
         self.similarity_top_k = similarity_top_k
@@ -138,6 +136,7 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.stop = list(stop or [])
+        self._options()  # bad generation settings fail here, naming the argument
         self.prompt_template = prompt_template
         self.chat = chat
         self.streaming = streaming
@@ -323,16 +322,14 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
 
     def _generate(self, query_str: str) -> Iterator[str]:
         # Recall searches for the user's query, not the formatted prompt ("Question: ... Answer:").
-        pieces = self._memory.stream(
-            self.format_prompt(query_str),
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            stop=self.stop,
-            chat=self.chat,
-            recall=self.recall,
-            recall_query=query_str,
-        )
+        opts = self._options().as_kwargs()
+        pieces = self._memory.stream(self.format_prompt(query_str), chat=self.chat, recall_query=query_str, **opts)
         return _lstrip_pieces(pieces)
+
+    def _options(self) -> SamplingOptions:
+        return SamplingOptions(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, stop=self.stop, recall=self.recall
+        )
 
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         query_str = query_bundle.query_str

@@ -90,7 +90,7 @@ def test_llamaindex_roles_and_tool_calls_reach_the_memory_as_text(llm):
         [
             {"role": "system", "content": "Rules."},
             {"role": "user", "content": "Look it up."},
-            {"role": "assistant", "content": '[tool call] lookup({"q": "sky"})'},
+            {"role": "assistant", "content": '<tool_call>\n{"name": "lookup", "arguments": {"q": "sky"}}\n</tool_call>'},
             {"role": "tool", "content": "blue"},
             {"role": "user", "content": "So?"},
         ],
