@@ -1,16 +1,17 @@
 """The generation options every front end passes to :meth:`ContextMemory.generate` and
 :meth:`~ContextMemory.stream`, checked once, with errors that name the argument.
 
-A front end holds its defaults as one :class:`SamplingOptions` and lays each call's keyword
-arguments over them with :meth:`SamplingOptions.updated`, so LangChain, LlamaIndex and any server
-accept and refuse the same values.
+A front end builds its defaults from its own settings and lays each call's keyword arguments
+over them with :meth:`SamplingOptions.updated`, so LangChain, LlamaIndex and any server accept the
+same arguments (:data:`ARGUMENTS`: the fields, and ``max_tokens`` for ``max_new_tokens``) and
+refuse the same values.
 
 Example:
-    >>> defaults, names = SamplingOptions(max_new_tokens=256), {"max_tokens": "max_new_tokens"}
-    >>> call = defaults.updated({"max_tokens": 8, "temperature": 0.7, "tools": []}, names=names)
+    >>> defaults = SamplingOptions(max_new_tokens=256)
+    >>> call = defaults.updated({"max_tokens": 8, "temperature": 0.7, "tools": []})
     >>> call.max_new_tokens, call.temperature, call.as_kwargs()["stop"]
     (8, 0.7, None)
-    >>> defaults.updated({"max_tokens": 0}, names=names)
+    >>> defaults.updated({"max_tokens": 0})
     Traceback (most recent call last):
     ...
     ValueError: max_tokens must be a positive int, got 0
@@ -65,17 +66,15 @@ class SamplingOptions:
     def updated(self, overrides: Mapping[str, Any], *, names: Mapping[str, str] | None = None) -> SamplingOptions:
         """A copy with a call's keyword arguments laid over these defaults.
 
-        Only keys that name a field are read (a front end's other arguments are left alone); a value
-        of None keeps the default, except for ``seed`` and ``recall`` where None means no seed and
-        the config's ``recall_k``. ``names``: the front end's own names of fields, e.g.
-        ``{"max_tokens": "max_new_tokens"}``; a field named there is read only under those names
-        (the first present wins), and an error names the argument as the caller wrote it.
+        ``names``: the arguments read, each mapped to the field it sets (default: :data:`ARGUMENTS`);
+        other keys of ``overrides`` are left alone (a front end's own arguments, or its settings
+        that are not options), and when several names set one field the first present wins. A value of None keeps the default, except for ``seed`` and ``recall`` where
+        None means no seed and the config's ``recall_k``. An error names the argument as the caller
+        wrote it.
         """
-        names = dict(names or {})
-        aliased = set(names.values())
-        lookup = [(f.name, f.name) for f in fields(self) if f.name not in aliased] + list(names.items())
+        names = ARGUMENTS if names is None else names
         changes: dict[str, Any] = {}
-        for key, field in lookup:
+        for key, field in names.items():
             if field in changes or key not in overrides:
                 continue
             value = overrides[key]
@@ -96,6 +95,11 @@ class SamplingOptions:
             "recall": self.recall,
             "explain": self.explain,
         }
+
+
+ARGUMENTS: dict[str, str] = {**{f.name: f.name for f in fields(SamplingOptions)}, "max_tokens": "max_new_tokens"}
+"""The keyword arguments every front end accepts for its options, each onto the field it sets
+(``max_tokens``, the name LangChain and OpenAI use, after ``max_new_tokens``)."""
 
 
 def _int(value: Any, name: str, low: int) -> int:

@@ -238,20 +238,27 @@ def test_bad_stop_strings_are_a_type_error_naming_the_argument():
         SamplingOptions(stop=["a", 1])
 
 
-def test_a_calls_arguments_are_laid_over_the_defaults_under_the_front_ends_names():
+def test_a_calls_arguments_are_laid_over_the_defaults():
     defaults = SamplingOptions(max_new_tokens=256, stop=("STOP",), seed=1, recall=2)
-    names = {"max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens"}
     assert defaults.updated({"thread_id": "t", "tools": []}) is defaults  # other arguments are not options
-    assert defaults.updated({"max_tokens": 8}, names=names).max_new_tokens == 8
-    assert defaults.updated({"max_new_tokens": 4, "max_tokens": 8}, names=names).max_new_tokens == 4
+    assert defaults.updated({"top_p": 0.5, "min_new_tokens": 2}) == defaults.replace(top_p=0.5, min_new_tokens=2)
+    # max_tokens is max_new_tokens under the name LangChain and OpenAI use; max_new_tokens first.
+    assert defaults.updated({"max_tokens": 8}).max_new_tokens == 8
+    assert defaults.updated({"max_new_tokens": 4, "max_tokens": 8}).max_new_tokens == 4
+    assert defaults.updated({"max_new_tokens": None, "max_tokens": 8}).max_new_tokens == 8
     # None keeps a default, except where None is a value of its own.
-    kept = defaults.updated({"max_tokens": None, "stop": None, "temperature": None}, names=names)
+    kept = defaults.updated({"max_tokens": None, "stop": None, "temperature": None})
     assert (kept.max_new_tokens, kept.stop, kept.temperature) == (256, ("STOP",), 0.0)
     cleared = defaults.updated({"seed": None, "recall": None})
     assert (cleared.seed, cleared.recall) == (None, None)
-    # A field read under a front end's name only is not read under its own.
-    assert defaults.updated({"max_new_tokens": 8}, names={"max_tokens": "max_new_tokens"}).max_new_tokens == 256
     with pytest.raises(ValueError, match="max_tokens must be a positive int, got -1"):
-        defaults.updated({"max_tokens": -1}, names=names)
+        defaults.updated({"max_tokens": -1})
     with pytest.raises(ValueError, match="recall must be None or a non-negative int"):
         defaults.updated({"recall": -1})
+    # Other names, for a front end with arguments of its own.
+    assert defaults.updated({"n": 3, "max_tokens": 9}, names={"n": "max_new_tokens"}).max_new_tokens == 3
+
+
+def test_a_front_ends_settings_are_its_defaults():
+    settings = {"max_tokens": 32, "temperature": 0.5, "stop": None, "seed": None, "model": "x", "streaming": True}
+    assert SamplingOptions().updated(settings) == SamplingOptions(max_new_tokens=32, temperature=0.5)

@@ -107,7 +107,9 @@ class ContextMemoryChatModel(BaseChatModel):
         memory: an existing ContextMemory to answer with (its model is used); a call whose messages
             extend the memory's messages reuses it.
         memory_config: the memory geometry for new conversations (default: ``MemoryConfig()``).
-        max_tokens, temperature, top_p, seed, stop: generation defaults, overridable per call.
+        max_tokens, temperature, top_p, seed, stop: generation defaults, overridable per call (with
+            ``min_new_tokens``: the core's :class:`~memory_plugin.sampling.SamplingOptions`, as every
+            front end takes them; ``max_new_tokens`` is accepted for ``max_tokens``).
         max_conversations: memories kept (LRU).
         continue_final_message: when the messages end with an assistant message (without tool
             calls), continue it instead of starting a new turn (an "assistant prefill", as
@@ -308,7 +310,7 @@ class ContextMemoryChatModel(BaseChatModel):
                         watcher.feed(prefill)
                     yield from parser.feed(prefill)
                 else:
-                    pieces = mem.stream(None, **turn.replace(min_new_tokens=1).as_kwargs())
+                    pieces = mem.stream(None, **turn.replace(min_new_tokens=max(1, turn.min_new_tokens)).as_kwargs())
                 generated = ""
                 with contextlib.closing(pieces):  # stopping early ends the turn and restores the memory
                     for piece in pieces:
@@ -384,18 +386,9 @@ class ContextMemoryChatModel(BaseChatModel):
         return pool, self._model_name(key)
 
     def _options(self, kwargs: dict, stop: list[str] | None) -> SamplingOptions:
-        """This call's generation options: its keyword arguments over the model's fields."""
-        defaults = SamplingOptions(
-            max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=self.stop,
-            seed=self.seed,
-            recall=self.recall,
-            explain=self.explain,
-        )
-        given = {k: kwargs[k] for k in _CALL_OPTIONS if k in kwargs}
-        return defaults.updated({**given, "stop": stop}, names={"max_tokens": "max_new_tokens"})
+        """This call's generation options: its keyword arguments over the model's fields (the same
+        names, see :data:`memory_plugin.sampling.ARGUMENTS`)."""
+        return SamplingOptions().updated(dict(self)).updated({**kwargs, "stop": stop})
 
     def _model_name(self, key: str | None) -> str:
         if key is not None:
@@ -591,10 +584,6 @@ def _closest_name(guess: str, names: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------- helpers
-_CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "recall", "explain")
-"""The generation options a call's keyword arguments may set (``stop`` is an argument of its own)."""
-
-
 def _result(events: Iterator[tuple[str, Any]] | list[tuple[str, Any]]) -> ChatResult:
     """The whole reply of :meth:`ContextMemoryChatModel._events` as one message."""
     text, calls, invalid, done = [], [], [], None

@@ -52,8 +52,9 @@ class ContextMemoryLLM(CustomLLM):
       much better than chat questions.
 
     Per-call keyword arguments: ``max_new_tokens`` (or ``max_tokens``), ``temperature``, ``top_p``,
-    ``stop``, ``seed``, ``recall``, ``explain`` (checked as :class:`memory_plugin.sampling.SamplingOptions`),
-    ``thread_id`` (chat only). Async methods run the model on a worker thread; cancelling one stops
+    ``stop``, ``seed``, ``min_new_tokens``, ``recall``, ``explain`` (the core's
+    :class:`~memory_plugin.sampling.SamplingOptions`, as every front end takes them), ``thread_id``
+    (chat only). Async methods run the model on a worker thread; cancelling one stops
     the generation at its next token.
 
     Tool calls and results in the messages are stored in the core's tool-call format
@@ -259,22 +260,9 @@ class ContextMemoryLLM(CustomLLM):
         )
 
     def _options(self, kwargs: dict) -> tuple[SamplingOptions, str | None]:
-        """This call's generation options (its keyword arguments over the fields) and thread id."""
-        defaults = SamplingOptions(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=self.stop,
-            recall=self.recall,
-            explain=self.explain,
-        )
-        given = {k: kwargs[k] for k in _CALL_OPTIONS if k in kwargs}
-        return defaults.updated(given, names=_NAMES), kwargs.get("thread_id")
-
-
-_CALL_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "stop", "seed", "recall", "explain")
-"""The generation options a call's keyword arguments may set."""
-_NAMES = {"max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens"}  # either name, this one first
+        """This call's generation options (its keyword arguments over the fields of the same names,
+        see :data:`memory_plugin.sampling.ARGUMENTS`) and thread id."""
+        return SamplingOptions().updated(dict(self)).updated(kwargs), kwargs.get("thread_id")
 
 
 def _last(responses: Iterator[Any]) -> Any:

@@ -6,6 +6,7 @@ import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, TextBlock, ToolCallBlock
 
 from llama_index_memory_plugin import MEMORY_CONTEXT_WINDOW, ContextMemoryLLM
+from memory_plugin.tools import render_tool_call
 
 CONV = [
     ChatMessage(role="system", content="You are terse."),
@@ -90,7 +91,7 @@ def test_llamaindex_roles_and_tool_calls_reach_the_memory_as_text(llm):
         [
             {"role": "system", "content": "Rules."},
             {"role": "user", "content": "Look it up."},
-            {"role": "assistant", "content": '<tool_call>\n{"name": "lookup", "arguments": {"q": "sky"}}\n</tool_call>'},
+            {"role": "assistant", "content": render_tool_call("lookup", {"q": "sky"})},
             {"role": "tool", "content": "blue"},
             {"role": "user", "content": "So?"},
         ],
