@@ -41,20 +41,17 @@ def tool_calls(message: ChatMessage) -> list[tuple[str, Any]]:
     """A message's tool calls as ``(name, arguments)``: its ``ToolCallBlock``s, or, for a message
     without any, the OpenAI-style entries of ``additional_kwargs["tool_calls"]`` (objects or dicts
     with ``function.name``/``function.arguments``, or ``ToolSelection``-like ``tool_name``/``tool_kwargs``).
-    A message that carries its calls both ways (as :func:`to_chat_messages` writes them) counts them once."""
-    blocks = [(b.tool_name, b.tool_kwargs) for b in message.blocks if isinstance(b, ToolCallBlock)]
-    if blocks:
-        return blocks
-    calls = []
-    for call in message.additional_kwargs.get("tool_calls") or []:
-        fn = _field(call, "function")
-        if fn is not None:
-            name, args = _field(fn, "name"), _field(fn, "arguments")
-        else:
-            name, args = _field(call, "tool_name"), _field(call, "tool_kwargs")
-        if isinstance(name, str) and name.strip():
-            calls.append((name, args))
-    return calls
+    A message that carries its calls both ways (as :func:`to_chat_messages` writes them) counts them
+    once. Calls without a name are left out."""
+    calls = [(b.tool_name, b.tool_kwargs) for b in message.blocks if isinstance(b, ToolCallBlock)]
+    if not calls:
+        for call in message.additional_kwargs.get("tool_calls") or []:
+            fn = _field(call, "function")
+            if fn is not None:
+                calls.append((_field(fn, "name"), _field(fn, "arguments")))
+            else:
+                calls.append((_field(call, "tool_name"), _field(call, "tool_kwargs")))
+    return [(name, args) for name, args in calls if isinstance(name, str) and name.strip()]
 
 
 def _field(obj: Any, key: str) -> Any:
