@@ -1,10 +1,11 @@
-"""Command line: ``memory-plugin info | ask | chat``.
+"""Command line: ``memory-plugin info | ask | chat | serve``.
 
     memory-plugin ask --file notes.txt "What did we decide about the schema?"
     memory-plugin ask --file notes.txt --explain --recall 2 "Who signed the accord?"
     memory-plugin ask --file notes.txt --show-sources --mode lexical "Kelderwick"
     memory-plugin chat --file manual.txt
     memory-plugin info
+    memory-plugin serve --port 8000 --memory-dir memories --api-keys keys.txt
 """
 
 from __future__ import annotations
@@ -99,6 +100,36 @@ def _info(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .server.run import serve
+
+    serve(
+        args.host,
+        args.port,
+        args.memory_dir,
+        api_keys=args.api_keys,
+        max_concurrency=args.max_concurrency,
+        max_open=args.max_open,
+        max_resident_mb=args.max_resident_mb,
+        model=args.model,
+        model_name=args.model_name,
+    )
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    sp = sub.add_parser("serve", help="OpenAI-compatible server over durable memories per tenant and thread")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs API keys)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--memory-dir", required=True, help="directory holding every tenant's threads (created)")
+    sp.add_argument("--api-keys", metavar="FILE", help="one 'key tenant' per line (also: $MEMORY_PLUGIN_API_KEYS)")
+    sp.add_argument("--max-concurrency", type=int, default=2, help="answers generated at once (default 2)")
+    sp.add_argument("--max-open", type=int, default=8, help="memories kept open in RAM (default 8)")
+    sp.add_argument("--max-resident-mb", type=float, help="RAM for all open memories together")
+    sp.add_argument("--model", help="local directory, .gguf file or cached hub id (default: embedded SmolLM2)")
+    sp.add_argument("--model-name", default="memory-plugin", help="the model id clients name (default memory-plugin)")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(prog="memory-plugin", description="Long-term memory inside a local model's attention.")
@@ -135,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         help="how --show-sources searches: BM25 and attention fused (default), or one of them",
     )
     ask.add_argument("-k", type=int, default=3, help="passages --show-sources prints (default 3)")
+    _serve_parser(sub)
     args = p.parse_args(argv)
     try:
-        return {"info": _info, "ask": _ask, "chat": _chat}[args.cmd](args)
+        return {"info": _info, "ask": _ask, "chat": _chat, "serve": _serve}[args.cmd](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
