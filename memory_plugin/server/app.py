@@ -537,8 +537,7 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-        param = ".".join(loc) or None
+        param = _param(first.get("loc", ())) or None
         message = f"{param}: {first['msg']}" if param else first["msg"]
         return JSONResponse(APIError(400, message, param).body(), status_code=400)
 
@@ -546,6 +545,23 @@ def _errors(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+
+def _param(loc) -> str:
+    """The request field a pydantic error location names: ``("body", "messages", 0, "role")`` is
+    ``messages.0.role``; the tags pydantic adds for a union's branches (``str``, ``list[str]``,
+    ``NamedToolChoice``, ``literal['none',...]``) are not fields and are left out."""
+    parts = []
+    for p in loc:
+        if p == "body" and not parts:
+            continue
+        if isinstance(p, str) and (p in _TYPE_TAGS or not p[:1].islower() or any(c in p for c in "[]'(-")):
+            continue
+        parts.append(str(p))
+    return ".".join(parts)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 class _TooLarge(HTTPException):
