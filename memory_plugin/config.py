@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .policies import BLOCK_POSITIONS, COLD_MODES, KV_CODECS, RELEVANCE
+
 
 @dataclass(frozen=True)
 class MemoryConfig:
@@ -110,8 +112,7 @@ class MemoryConfig:
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("n_init", "topk"):
             _check_int(name, getattr(self, name), minimum=0)
-        if self.kv_quantization not in ("none", "bf16", "int8"):
-            raise ValueError(f"kv_quantization must be 'none', 'bf16' or 'int8', got {self.kv_quantization!r}")
+        _check_choice("kv_quantization", self.kv_quantization, KV_CODECS)
         if self.max_resident_bytes is not None:
             _check_int("max_resident_bytes", self.max_resident_bytes, minimum=1)
         if self.archive_after_tokens is not None:
@@ -120,12 +121,9 @@ class MemoryConfig:
         _check_int("recall_max_tokens", self.recall_max_tokens, minimum=1)
         _check_int("archive_vectors", self.archive_vectors, minimum=1)
         _check_int("archive_max_steps", self.archive_max_steps, minimum=1)
-        if self.archive_mode not in ("rehydrate", "gist", "drop"):
-            raise ValueError(f"archive_mode must be 'rehydrate', 'gist' or 'drop', got {self.archive_mode!r}")
-        if self.relevance not in ("dot", "zscore"):
-            raise ValueError(f"relevance must be 'dot' or 'zscore', got {self.relevance!r}")
-        if self.block_positions not in ("fixed", "ordered"):
-            raise ValueError(f"block_positions must be 'fixed' or 'ordered', got {self.block_positions!r}")
+        _check_choice("archive_mode", self.archive_mode, COLD_MODES)
+        _check_choice("relevance", self.relevance, RELEVANCE)
+        _check_choice("block_positions", self.block_positions, BLOCK_POSITIONS)
         if self.far_distance is not None:
             _check_int("far_distance", self.far_distance, minimum=1)
             if self.far_distance > self.n_local:
@@ -165,3 +163,10 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise TypeError(f"MemoryConfig.{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"MemoryConfig.{name} must be >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value: object, registry: dict) -> None:
+    """``value`` must name a policy of ``registry`` (memory_plugin.policies)."""
+    if not isinstance(value, str) or value not in registry:
+        *rest, last = (repr(k) for k in registry)
+        raise ValueError(f"{name} must be {', '.join(rest)} or {last}, got {value!r}")

@@ -1,0 +1,179 @@
+"""The memory's variants as small policy objects, one frozen dataclass per variant (as NVIDIA's
+kvpress keeps each method), resolved from the config strings users write by one registry per
+field: ``RELEVANCE[cfg.relevance]``, ``BLOCK_POSITIONS[cfg.block_positions]``,
+``KV_CODECS[cfg.kv_quantization]``, ``COLD_MODES[cfg.archive_mode]``. Config validation takes its
+allowed values from these registries, so a new variant is one class and one registry entry.
+
+Shapes (as :mod:`~memory_plugin.attention`):
+    q_mean: [H, D]             a chunk's mean query, rotated at distance ``n_local``
+    reprs: [n_blocks, H, D]    representative keys of a layer's blocks
+    k: [Hkv, n, D]             unrotated keys outside the local window
+    kv: [2, Hkv, block_size, D]  one block's keys and values; encoded, a dict of tensors
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import apply_rope, block_relevance
+
+
+# ----------------------------------------------------------------------------------------- relevance
+@dataclass(frozen=True)
+class DotRelevance:
+    """InfLLM's rule: the chunk's mean query · each block's representative key, summed over heads."""
+
+    def scores(self, q_mean: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
+        return block_relevance(q_mean, reprs)
+
+
+@dataclass(frozen=True)
+class ZScoreRelevance:
+    """Each head's scores standardised over the blocks before summing, so heads whose scores merely
+    vary most do not outvote the rest (docs/BENCHMARKS.md, section 2)."""
+
+    def scores(self, q_mean: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
+        return block_relevance(q_mean, reprs, normalize=True)
+
+
+RELEVANCE = {"dot": DotRelevance(), "zscore": ZScoreRelevance()}
+"""``MemoryConfig.relevance`` -> how a chunk scores blocks (``scores(q_mean, reprs) -> [n_blocks]``)."""
+
+
+# ----------------------------------------------------------------------------------------- positions
+@dataclass(frozen=True)
+class FixedPositions:
+    """InfLLM: every key outside the local window sits at one distance, ``far``: keys stay
+    unrotated and the query is rotated at ``far``."""
+
+    def query_position(self, far: int, block_size: int) -> int:
+        return far
+
+    def rotate_keys(self, k: torch.Tensor, offset: int, block_size: int, cos, sin) -> torch.Tensor:
+        return k
+
+
+@dataclass(frozen=True)
+class OrderedPositions:
+    """Keys keep their order inside a block: the key at offset ``j`` sits at distance
+    ``far + block_size - 1 - j``, so a small model can still read a number spread over tokens.
+
+    Example (a "rotation" that multiplies by the position shows the offsets, wrapping at blocks):
+        >>> cos, sin = torch.arange(8.0)[:, None].expand(8, 2), torch.zeros(8, 2)
+        >>> OrderedPositions().rotate_keys(torch.ones(1, 3, 2), 3, block_size=4, cos=cos, sin=sin)[0, :, 0].tolist()
+        [3.0, 0.0, 1.0]
+    """
+
+    def query_position(self, far: int, block_size: int) -> int:
+        return far + block_size - 1
+
+    def rotate_keys(self, k: torch.Tensor, offset: int, block_size: int, cos, sin) -> torch.Tensor:
+        """``k``'s first key is ``offset`` tokens past a block boundary; each is rotated at its offset in its block."""
+        off = torch.arange(offset, offset + k.shape[1], device=k.device) % block_size
+        return apply_rope(k, cos[off], sin[off])
+
+
+BLOCK_POSITIONS = {"fixed": FixedPositions(), "ordered": OrderedPositions()}
+"""``MemoryConfig.block_positions`` -> where keys outside the local window sit."""
+
+
+# ----------------------------------------------------------------------------------------- KV codecs
+@dataclass(frozen=True)
+class AsComputed:
+    """Block KV stored as the model computed it."""
+
+    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"kv": kv}
+
+    def decode(self, enc: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return enc["kv"].to(dtype)
+
+
+@dataclass(frozen=True)
+class Bf16:
+    """Block KV in bfloat16: half the bytes of float32."""
+
+    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"kv": kv.to(torch.bfloat16)}
+
+    def decode(self, enc: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return enc["kv"].to(dtype)
+
+
+@dataclass(frozen=True)
+class Int8PerChannel:
+    """Block KV in int8 with one float scale per channel (kv, head, dim) of the block: a quarter
+    of the bytes of float32.
+
+    Example:
+        >>> kv = torch.tensor([1.0, -0.5]).view(1, 1, 2, 1)  # one channel of two tokens
+        >>> codec = Int8PerChannel()
+        >>> [round(x, 2) for x in codec.decode(codec.encode(kv), torch.float32).flatten().tolist()]
+        [1.0, -0.5]
+    """
+
+    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        scale = kv.abs().amax(dim=-2, keepdim=True).float().clamp_min(1e-8) / 127.0  # [2, Hkv, 1, D]
+        q = (kv.float() / scale).round_().clamp_(-127, 127).to(torch.int8)
+        return {"kv": q, "scale": scale}
+
+    def decode(self, enc: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return (enc["kv"].float() * enc["scale"]).to(dtype)
+
+
+KV_CODECS = {"none": AsComputed(), "bf16": Bf16(), "int8": Int8PerChannel()}
+"""``MemoryConfig.kv_quantization`` -> how block KV is stored (``encode``, ``decode``)."""
+
+
+class BlockCodec:
+    """The ``kv_quantization`` codec bound to the dtype attention computes in. Encoded blocks are
+    dicts of tensors."""
+
+    def __init__(self, kind: str, dtype: torch.dtype):
+        if kind not in KV_CODECS:
+            raise ValueError(f"kv_quantization must be one of {tuple(KV_CODECS)}, got {kind!r}")
+        self.kind, self.dtype, self.policy = kind, dtype, KV_CODECS[kind]
+
+    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.policy.encode(kv)
+
+    def decode(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.policy.decode(enc, self.dtype)
+
+    def decode_many(self, encs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Blocks stacked: ``[n, 2, Hkv, block_size, D]``."""
+        return self.decode({name: torch.stack([e[name] for e in encs]) for name in encs[0]})
+
+
+# ----------------------------------------------------------------------------------------- cold modes
+# What a selected cold block (KV dropped for memory vectors, see memory_plugin.archive) gives
+# attention: ``attend(cold, layer, rehydrated)`` -> its ``[2, Hkv, n, D]`` or None; ``rehydrated()``
+# recomputes the block's KV and returns it as any stored block.
+@dataclass(frozen=True)
+class Rehydrate:
+    """Recompute the block's KV with its memory vectors as context; attend to it like any block."""
+
+    def attend(self, cold, layer: int, rehydrated) -> torch.Tensor | None:
+        return rehydrated()
+
+
+@dataclass(frozen=True)
+class Gist:
+    """Attend to the KV of the block's memory vectors themselves (a few keys for ``block_size``)."""
+
+    def attend(self, cold, layer: int, rehydrated) -> torch.Tensor | None:
+        return cold.gist[layer]
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Leave the block out: only its representative keys stay (it can still be selected)."""
+
+    def attend(self, cold, layer: int, rehydrated) -> torch.Tensor | None:
+        return None
+
+
+COLD_MODES = {"rehydrate": Rehydrate(), "gist": Gist(), "drop": Drop()}
+"""``MemoryConfig.archive_mode`` -> what a selected cold block contributes."""
