@@ -32,8 +32,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from .attention import AttnPart, apply_rope, joint_attention, representative_keys
-from .blocks import BlockStore
+from .blocks import BlockStore, ColdBlock
 from .config import MemoryConfig
+from .policies import BLOCK_POSITIONS, RELEVANCE
+from .vectors import MemoryVectors
 
 
 @dataclass(frozen=True)
@@ -171,9 +173,10 @@ class Context:
                 f"max_resident_bytes={config.max_resident_bytes} is below what the local window and init "
                 f"tokens with their working buffers need ({self._budget_fixed} bytes); raise it or lower n_local"
             )
-        self.ordered = config.block_positions == "ordered"
+        self.relevance = RELEVANCE[config.relevance]
+        self.positions = BLOCK_POSITIONS[config.block_positions]
         self.far = config.n_local if config.far_distance is None else config.far_distance
-        self.far_pos = self.far + config.block_size - 1
+        self.far_query = self.positions.query_position(self.far, config.block_size)  # where queries to far keys sit
         self.layout = Layout(base=config.n_init)
         self.tokens: list[int] = []
 
@@ -234,16 +237,12 @@ class Context:
         # block_positions="ordered", at n_local + (block_size - 1 - offset in its block).
         q_far = apply_rope(q, cos[cfg.n_local], sin[cfg.n_local])
         st.q_sum += q_far.float().sum(dim=1)
-        # Selection and retrieve() score at n_local (as InfLLM); attention may use a shorter distance.
-        q_blk = q_far if self.far == cfg.n_local else apply_rope(q, cos[self.far], sin[self.far])
-        if self.ordered:
-            q_blk = apply_rope(q, cos[self.far_pos], sin[self.far_pos])
+        # Selection and retrieve() score at n_local (as InfLLM); attention may use another distance.
+        fq = self.far_query
+        q_blk = q_far if fq == cfg.n_local else apply_rope(q, cos[fq], sin[fq])
         hi = min(we, step.t0 + c - cfg.n_local - step.base)
         if hi > ws:  # window tokens already out of some query's local window, not yet a block
-            kf = st.win_k[:, ws:hi]
-            if self.ordered:
-                off = (torch.arange(step.base + ws, step.base + hi, device=dev) - cfg.n_init) % cfg.block_size
-                kf = apply_rope(kf, cos[off], sin[off])
+            kf = self.positions.rotate_keys(st.win_k[:, ws:hi], step.base + ws - cfg.n_init, cfg.block_size, cos, sin)
             # visible once a query is n_local past it
             parts.append(AttnPart(q_blk, kf, st.win_v[:, ws:hi], band=(None, step.t0 - cfg.n_local - step.base - ws)))
             where.append(torch.arange(step.base + ws, step.base + hi) if tracing else None)
@@ -251,7 +250,7 @@ class Context:
             q_mean = q_far.mean(dim=1)
             if step.capture is not None:
                 step.capture.append(q_far)
-            ids = self.store.select(i, q_mean, cfg.topk, cfg.relevance == "zscore") if cfg.topk else []
+            ids = self.store.select(i, q_mean, cfg.topk, self.relevance) if cfg.topk else []
             if ids:
                 bk, bv = self.store.fetch(i, ids)
                 parts.append(AttnPart(q_blk, bk, bv))
@@ -314,8 +313,7 @@ class Context:
             if self.cfg.topk:  # with retrieval off (StreamingLLM) evicted blocks are simply dropped
                 k = st.win_k[:, a : a + bs]
                 repr_key = representative_keys(k, st.win_mass[:, a : a + bs], self.cfg.repr_topk)
-                if self.ordered:  # keys keep their order inside the block
-                    k = apply_rope(k, self.cos[:bs], self.sin[:bs])
+                k = self.positions.rotate_keys(k, 0, bs, self.cos, self.sin)  # a block starts at offset 0
                 self.store.append(i, torch.stack((k, st.win_v[:, a : a + bs])), repr_key)
 
     # ----------------------------------------------------------------------------- state management
@@ -442,9 +440,6 @@ class Context:
             st.win_krot[:, s:e] = apply_rope(st.win_k[:, s:e], self.cos[s:e], self.sin[s:e])
             st.q_sum[:] = tensors.get(f"q_sum.{i}", 0)
         self.layout = lay
-        from .blocks import ColdBlock
-        from .vectors import MemoryVectors
-
         for name, t in tensors.items():
             if name.startswith("cold."):
                 vecs = MemoryVectors(t, self.cfg.block_size, exact=True, steps=0, seconds=0.0)

@@ -51,13 +51,13 @@ def test_reprs_grow_past_initial_capacity_and_truncate_forgets():
     store.truncate(10)
     assert len(store) == 10
     assert store.select(0, torch.randn(H, D), topk=20) == list(range(10))
-    assert store._last[0] is None  # a memoised selection of dropped blocks is forgotten
+    assert store.layers[0].last is None  # a memoised selection of dropped blocks is forgotten
 
 
 def test_device_lru_cache_hits_misses_and_evicts_least_recent_unselected():
     store = _store(cache_device="cpu", max_cached_blocks=3)
     blocks = _fill(store, 6)
-    cache = store.caches[0]
+    cache = store.layers[0].cache
     k, _ = store.fetch(0, [0, 1])
     assert (cache.hits, cache.misses) == (0, 2)
     store.fetch(0, [1, 2])  # 1 hits, 2 misses; cache now {0, 1, 2} with 0 least recent

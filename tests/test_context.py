@@ -192,7 +192,7 @@ def test_topk_selects_blocks_by_mean_query_at_fixed_distance(gqa_model, relevanc
     assert n_blocks > cfg.topk and len(capture) == len(ctx.layers)
     for layer, q in enumerate(capture):  # the chunk's queries [H, c, D], rotated at the far distance
         scores = block_relevance(q.mean(dim=1), ctx.store.layers[layer].reprs[:n_blocks], relevance == "zscore")
-        chosen = ctx.store._last[layer][0]  # the blocks that layer attended for the query chunk
+        chosen = ctx.store.layers[layer].last[0]  # the blocks that layer attended for the query chunk
         assert list(chosen) == sorted(scores.topk(cfg.topk).indices.tolist())
 
 

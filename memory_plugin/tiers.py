@@ -1,0 +1,239 @@
+"""Where a block's KV lives, one object per tier, composed by :class:`~memory_plugin.blocks.BlockStore`:
+
+* :class:`LayerBlocks`: one layer's blocks (as ``transformers`` keeps one cache object per layer):
+  encoded KV in RAM, representative keys, its accelerator cache and its last gathered selection;
+* :class:`RamTier`: the bytes of encoded KV in RAM against a budget, and which of them may be
+  evicted (those already on disk, least recently used first);
+* :class:`DeviceLRU`: a fixed number of decoded blocks per layer on the accelerator;
+* :class:`ColdBlocks`: blocks whose KV was dropped for memory vectors, and how they come back.
+  (The disk tier, :class:`~memory_plugin.shards.ShardSet`, is in :mod:`~memory_plugin.shards`.)
+
+Every tier indexed by block id answers ``truncate(n)`` (a rollback forgets blocks ``n`` and later)
+and ``nbytes()``.
+
+Shapes: a block's KV is ``[2, Hkv, block_size, D]``, encoded as a dict of tensors by the KV codec
+(:mod:`~memory_plugin.policies`); representative keys are ``[n_blocks, H, D]``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .policies import COLD_MODES
+
+
+def _size(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _nbytes(enc: dict[str, torch.Tensor]) -> int:
+    return sum(_size(t) for t in enc.values())
+
+
+class DeviceLRU:
+    """Fixed-size cache of blocks on the accelerator for one layer (InfLLM's GPU cache)."""
+
+    def __init__(self, capacity: int, block_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.data = torch.empty(capacity, *block_shape, dtype=dtype, device=device)
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # block id -> slot, least recent first
+        self.free = list(range(capacity - 1, -1, -1))
+        self.hits = 0
+        self.misses = 0
+
+    def slots(self, ids: list[int], load) -> list[int]:
+        """Slots of blocks ``ids``, copying in (``load(b)``) those not cached over the least recently
+        used others."""
+        wanted = set(ids)
+        out = []
+        for b in ids:
+            if b in self.slot_of:
+                self.slot_of.move_to_end(b)
+                self.hits += 1
+            else:
+                if not self.free:
+                    victim = next(v for v in self.slot_of if v not in wanted)
+                    self.free.append(self.slot_of.pop(victim))
+                slot = self.free.pop()
+                self.data[slot].copy_(load(b), non_blocking=True)
+                self.slot_of[b] = slot
+                self.misses += 1
+            out.append(self.slot_of[b])
+        return out
+
+    def discard(self, b: int) -> None:
+        if b in self.slot_of:
+            self.free.append(self.slot_of.pop(b))
+
+    def truncate(self, n: int) -> None:
+        """Drop cached blocks with id >= n (they were rolled back)."""
+        for b in [b for b in self.slot_of if b >= n]:
+            self.free.append(self.slot_of.pop(b))
+
+    def nbytes(self) -> int:
+        return _size(self.data)
+
+
+class LayerBlocks:
+    """Blocks of one layer: encoded KV per block (None while only on disk, or cold), reprs
+    ``[n, H, D]``, the layer's accelerator cache (None on CPU), and its last gathered selection
+    ``(ids, kv [2, Hkv, n, D])``: consecutive decode steps mostly pick the same blocks."""
+
+    def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.kv: list[dict | None] = []
+        self._repr = torch.empty(16, n_heads, head_dim, dtype=dtype, device=device)
+        self.cache: DeviceLRU | None = None
+        self.last: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.kv)
+
+    @property
+    def reprs(self) -> torch.Tensor:
+        return self._repr[: len(self.kv)]
+
+    def set_reprs(self, reprs: torch.Tensor) -> None:
+        self._repr = reprs.to(self._repr.device, self._repr.dtype).clone()
+        if self._repr.shape[0] == 0:
+            self._repr = self._repr.new_empty(16, *self._repr.shape[1:])
+
+    def append(self, enc: dict, repr_key: torch.Tensor) -> None:
+        n = len(self.kv)
+        if n == self._repr.shape[0]:  # grow by doubling: reprs stay one tensor for a fast top-k
+            grown = self._repr.new_empty(2 * n, *self._repr.shape[1:])
+            grown[:n] = self._repr
+            self._repr = grown
+        self._repr[n] = repr_key
+        self.kv.append(enc)
+
+    def drop(self, b: int) -> None:
+        """Block ``b``'s KV is gone (archived, or back to memory vectors): from RAM, the cache and
+        the last selection; its representative key stays."""
+        self.kv[b] = None
+        if self.cache is not None:
+            self.cache.discard(b)
+        if self.last is not None and b in self.last[0]:
+            self.last = None
+
+    def truncate(self, n: int) -> None:
+        del self.kv[n:]
+        if self.cache is not None:
+            self.cache.truncate(n)
+        if self.last is not None and any(b >= n for b in self.last[0]):
+            self.last = None
+
+    def nbytes(self) -> int:
+        """Bytes of the last gathered selection (a copy of its blocks; reprs are counted apart)."""
+        return _size(self.last[1]) if self.last is not None else 0
+
+
+class RamTier:
+    """Bytes of encoded block KV held in RAM (in the layers' ``kv`` lists) against a budget: bytes,
+    a callable returning them (the memory's share changes as its reprs grow), or None (no limit).
+    Blocks also on disk are "clean", kept in an LRU: only they may be evicted, since a block held
+    only in RAM would be lost. Blocks are keyed ``(layer, block)``."""
+
+    def __init__(self, budget: int | Callable[[], int] | None = None):
+        self.budget = budget
+        self.resident = 0
+        self.clean: OrderedDict[tuple[int, int], int] = OrderedDict()  # least recently used first
+
+    def limit(self) -> int | None:
+        return self.budget() if callable(self.budget) else self.budget
+
+    def hold(self, key: tuple[int, int], enc: dict, *, clean: bool = False) -> None:
+        """Count a block now in RAM; ``clean``: read back from disk, so evictable at once."""
+        self.resident += _nbytes(enc)
+        if clean:
+            self.clean[key] = _nbytes(enc)
+
+    def mark_clean(self, key: tuple[int, int], enc: dict) -> None:
+        """A block held in RAM was written to disk: from now on it may be evicted."""
+        self.clean[key] = _nbytes(enc)
+
+    def touch(self, key: tuple[int, int]) -> None:
+        if key in self.clean:
+            self.clean.move_to_end(key)
+
+    def release(self, key: tuple[int, int], enc: dict | None) -> None:
+        """Stop counting a block whose KV ``enc`` (None: not in RAM) leaves RAM."""
+        self.clean.pop(key, None)
+        if enc is not None:
+            self.resident -= _nbytes(enc)
+
+    def evict(self, budget: int) -> list[tuple[int, int]]:
+        """Clean blocks to drop from RAM, least recently used first, until under ``budget``."""
+        out = []
+        while self.resident > budget and self.clean:
+            key, nb = self.clean.popitem(last=False)
+            self.resident -= nb
+            out.append(key)
+        return out
+
+    def nbytes(self) -> int:
+        return self.resident
+
+
+@dataclass
+class ColdBlock:
+    """A block whose KV was dropped: the memory vectors that reproduce its tokens, and (gist mode)
+    the KV of those vectors per layer, ``[2, Hkv, n_vectors, D]``."""
+
+    vectors: object  # memory_plugin.vectors.MemoryVectors
+    gist: list[torch.Tensor] | None = None
+
+
+class ColdBlocks(Mapping[int, ColdBlock]):
+    """The cold tier: block id -> :class:`ColdBlock`, and what a selected one gives attention
+    (``mode``, from :data:`~memory_plugin.policies.COLD_MODES`). Rehydrated KV (``rehydrate(b)`` ->
+    per-layer ``[2, Hkv, block_size, D]``, set by :meth:`connect`) is kept for the
+    ``max_rehydrated`` most recently used blocks; older ones go back to vectors only."""
+
+    def __init__(self):
+        self.blocks: dict[int, ColdBlock] = {}
+        self.mode = COLD_MODES["rehydrate"]
+        self.rehydrate: Callable[[int], list[torch.Tensor]] | None = None
+        self.max_rehydrated = 32
+        self.rehydrated: OrderedDict[int, None] = OrderedDict()  # least recently used first
+
+    def connect(self, mode: str, rehydrate: Callable[[int], list[torch.Tensor]], max_rehydrated: int) -> None:
+        self.mode, self.rehydrate, self.max_rehydrated = COLD_MODES[mode], rehydrate, max_rehydrated
+
+    def __getitem__(self, b: int) -> ColdBlock:
+        return self.blocks[b]
+
+    def __contains__(self, b: object) -> bool:  # on every selected block: no KeyError round trip
+        return b in self.blocks
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def add(self, b: int, cold: ColdBlock) -> None:
+        self.blocks[b] = cold
+        self.rehydrated.pop(b, None)
+
+    def touch(self, b: int) -> None:
+        if b in self.rehydrated:
+            self.rehydrated.move_to_end(b)
+
+    def came_back(self, b: int) -> list[int]:
+        """Block ``b`` was rehydrated; returns the blocks that now go back to vectors only."""
+        self.rehydrated[b] = None
+        out = []
+        while len(self.rehydrated) > self.max_rehydrated:
+            out.append(self.rehydrated.popitem(last=False)[0])
+        return out
+
+    def truncate(self, n: int) -> None:
+        for b in [b for b in self.blocks if b >= n]:
+            del self.blocks[b]
+            self.rehydrated.pop(b, None)
+
+    def nbytes(self) -> int:
+        return sum(_size(c.vectors.tensor) + sum(_size(g) for g in c.gist or []) for c in self.blocks.values())
