@@ -106,6 +106,7 @@ def cold(model, tok, n_facts: int, max_steps: int) -> list[dict]:
     vector holds a block."""
     from memory_plugin import ContextMemory, MemoryConfig
     from memory_plugin.tasks import FILLER, passkey
+    from memory_plugin.policies import COLD_MODES
 
     cfg = MemoryConfig(
         block_size=32, n_init=32, n_local=256, topk=2, chunk_size=128,
@@ -123,7 +124,7 @@ def cold(model, tok, n_facts: int, max_steps: int) -> list[dict]:
         row["crammed"] = mem._engine.cold.archive(0, only={block}) == 1
         row["cram_seconds"] = time.perf_counter() - t
         for mode in ("rehydrate", "gist", "drop"):
-            mem._engine.ctx.store.cold_mode = mode  # benchmark only: the mode is a config field
+            mem._engine.ctx.store.cold.mode = COLD_MODES[mode]  # benchmark only: the mode is a config field
             row[mode] = mem.generate(question, max_new_tokens=6, chat=False) if row["crammed"] else None
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -58,9 +58,7 @@ class ColdTier:
     # ------------------------------------------------------------------------ wiring
     def attach(self, ctx) -> None:
         """Connect a (new) context's block store to this tier."""
-        ctx.store.cold_mode = self.engine.config.archive_mode
-        ctx.store.rehydrate = self._rehydrate
-        ctx.store.max_rehydrated = max(2 * self.engine.config.topk, 8)
+        ctx.store.connect_cold_tier(self.engine.config.archive_mode, self._rehydrate, max(2 * self.engine.config.topk, 8))
 
     def notify(self) -> None:
         """New history was added: wake the background worker if archiving is on."""

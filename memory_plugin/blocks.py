@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 # Codec, shard and cold-block names are also imported from here, their home before the split.
-from .policies import COLD_MODES, KV_CODECS, RELEVANCE, BlockCodec
+from .policies import KV_CODECS, RELEVANCE, BlockCodec
 from .shards import MAX_OPEN_SHARDS, SHARD_BLOCKS, ShardInfo, ShardSet
 from .shards import atomic_write, write_safetensors  # noqa: F401  (re-exported)
 from .tiers import ColdBlock, ColdBlocks, DeviceLRU, LayerBlocks, RamTier
@@ -58,12 +58,6 @@ def return_freed_memory_to_os() -> bool:
 
 
 # ----------------------------------------------------------------------------------------- store
-def _cold_alias(name: str) -> property:
-    """The cold tier's ``name`` as a store attribute, as memory_plugin.archive set it before
-    :meth:`BlockStore.connect_cold_tier`."""
-    return property(lambda store: getattr(store.cold, name), lambda store, value: setattr(store.cold, name, value))
-
-
 class BlockStore:
     """KV blocks of every layer, by tier.
 
@@ -260,19 +254,6 @@ class BlockStore:
         for i, layer in enumerate(self.layers):
             self.ram.release((i, b), layer.kv[b])
             layer.drop(b)
-
-    # Until memory_plugin.archive calls connect_cold_tier: the attributes it set.
-    rehydrate = _cold_alias("rehydrate")
-    max_rehydrated = _cold_alias("max_rehydrated")
-    _rehydrated = property(lambda store: store.cold.rehydrated)  # tests/test_cold_tier.py reads it
-
-    @property
-    def cold_mode(self) -> str:
-        return next(name for name, mode in COLD_MODES.items() if mode == self.cold.mode)
-
-    @cold_mode.setter
-    def cold_mode(self, mode: str) -> None:
-        self.cold.mode = COLD_MODES[mode]
 
     # -------------------------------------------------------------------------------- state
     def truncate(self, n: int) -> list[str]:

@@ -137,7 +137,7 @@ class StreamDecoder:
             if at != -1:
                 self.stopped = True
                 return self._emit(text, at)
-        hold = max((_partial_suffix(text, s) for s in self.stop), default=0)
+        hold = max((partial_suffix(text, s) for s in self.stop), default=0)
         return self._emit(text, len(text) - hold)
 
     def flush(self) -> str:
@@ -151,7 +151,7 @@ class StreamDecoder:
         return piece
 
 
-def _partial_suffix(text: str, stop: str) -> int:
+def partial_suffix(text: str, stop: str) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
     for n in range(min(len(stop) - 1, len(text)), 0, -1):
         if text.endswith(stop[:n]):

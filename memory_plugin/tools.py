@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .chat import _partial_suffix
+from .chat import partial_suffix
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -315,7 +315,7 @@ class ReplyParser:
             if not self._in_call:
                 at = self._buf.find(TOOL_CALL_OPEN)
                 if at == -1:
-                    keep = _partial_suffix(self._buf, TOOL_CALL_OPEN)
+                    keep = partial_suffix(self._buf, TOOL_CALL_OPEN)
                     events += self._text(self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep :]
                     return events

@@ -53,7 +53,7 @@ def test_selected_cold_blocks_are_rehydrated_gisted_or_dropped(tiny_model, tiny_
     store = m._engine.ctx.store
     if mode == "rehydrate":
         assert m._engine.cold.rehydrations > 0 and m._engine.cold.decode_mismatches == 0
-        b = next(iter(store._rehydrated))
+        b = next(iter(store.cold.rehydrated))
         assert store.block(0, b).shape == (2, 2, CFG.block_size, 16)
     elif mode == "gist":
         cold = next(iter(store.cold.values()))

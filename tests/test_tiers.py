@@ -161,15 +161,3 @@ def test_connect_cold_tier_and_its_rehydration_lru():
     store.connect_cold_tier("drop", rehydrate, max_rehydrated=1)
     k, _ = store.fetch(0, [0, 2])
     assert k.shape == (HKV, BS, D) and calls == [0, 1]
-
-
-def test_cold_tier_attributes_set_before_connect_cold_tier_still_work():
-    store = _store()
-
-    def rehydrate(b):
-        return []
-
-    store.cold_mode, store.rehydrate, store.max_rehydrated = "gist", rehydrate, 9
-    assert (store.cold.mode, store.cold.rehydrate, store.cold.max_rehydrated) == (COLD_MODES["gist"], rehydrate, 9)
-    assert (store.cold_mode, store.rehydrate, store.max_rehydrated) == ("gist", rehydrate, 9)
-    assert store._rehydrated is store.cold.rehydrated
