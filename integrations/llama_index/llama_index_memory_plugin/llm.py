@@ -1,12 +1,16 @@
-"""``ContextMemoryLLM``: a local model with ContextMemory attention as a LlamaIndex ``CustomLLM``.
+"""``ContextMemoryLLM``: a local model with ContextMemory attention as a LlamaIndex ``FunctionCallingLLM``.
 
 LlamaIndex resends the whole conversation on every ``chat`` call. The LLM keeps the encoded
 conversations in a :class:`memory_plugin.ConversationPool` (the core's prefix reuse, shared with the
 LangChain adapter), so each call encodes only the messages that are new since the last one.
+
+Tools are offered, and calls written and read, in the core's one tool-call format
+(:mod:`memory_plugin.tools`), so ``FunctionAgent`` and ``AgentWorkflow`` run on it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,17 +24,25 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.tools import BaseTool
 
-from memory_plugin import ContextMemory, ConversationPool, MemoryConfig, load_model
+from memory_plugin import Answer, ContextMemory, ConversationPool, MemoryConfig, load_model
+from memory_plugin import tools as core_tools
 from memory_plugin.bridge import iterate_in_thread
+from memory_plugin.chat import ChatFormat
 from memory_plugin.loading import DEFAULT_MODEL_NAME
+from memory_plugin.memory import PLACED_HEADER
 from memory_plugin.sampling import SamplingOptions
 
-from ._common import to_memory_messages
+from ._common import to_memory_messages, tool_calls
+from ._forced import ForcedCall
 
 MEMORY_CONTEXT_WINDOW = 131_072
 """Reported as ``metadata.context_window``: what one conversation may hold. The memory has no hard
@@ -41,7 +53,7 @@ layers x 3 KV heads x 64 dims x K and V), so 128k tokens take about 6 GB. Raise 
 :attr:`ContextMemoryLLM.trained_context_window` (8192 for SmolLM2)."""
 
 
-class ContextMemoryLLM(CustomLLM):
+class ContextMemoryLLM(FunctionCallingLLM):
     """A local Llama-family model whose attention reaches the whole conversation through ContextMemory.
 
     * ``chat`` / ``stream_chat``: the messages in the model's chat template; the reply is the
@@ -60,6 +72,18 @@ class ContextMemoryLLM(CustomLLM):
     Tool calls and results in the messages are stored in the core's tool-call format
     (:mod:`memory_plugin.tools`), as the LangChain adapter stores them; read a memory's messages
     back with :func:`llama_index_memory_plugin.to_chat_messages`.
+
+    Function calling (``chat_with_tools`` and its async and streaming forms, as ``FunctionAgent``
+    and ``AgentWorkflow`` call them; or ``chat(messages, tools=[...], tool_choice=...)``): the tools
+    are listed in the first system message (the chat template's own tool text when it renders
+    tools, else :func:`memory_plugin.tools.tools_prompt`); the same tools give the same prefix, so
+    the conversation is still reused. Calls the model writes come back as ``ToolCallBlock``s in the
+    response message (:meth:`get_tool_calls_from_response` reads them as ``ToolSelection``s); a
+    block that is not a valid call stays in the text as the model wrote it. ``tool_required=True``
+    or ``tool_choice="required"`` forces one call, a tool's name forces a call of that tool (as
+    ``FunctionAgent(initial_tool_choice=...)`` does): the call's JSON is guided by the tool's schema
+    and the model writes the values (see :mod:`llama_index_memory_plugin._forced`).
+    ``tool_choice="none"`` keeps the tools listed but stops the reply where a call would begin.
 
     Recall: before each chat reply the passages of the conversation that the memory's hybrid search
     finds for the last message are placed verbatim before it (``recall``: how many, default the
@@ -91,6 +115,7 @@ class ContextMemoryLLM(CustomLLM):
 
     _pool: ConversationPool = PrivateAttr()
     _scratch: ContextMemory = PrivateAttr()
+    _format: ChatFormat = PrivateAttr()
 
     def __init__(
         self,
@@ -117,6 +142,7 @@ class ContextMemoryLLM(CustomLLM):
         super().__init__(**kwargs)
         self._pool = pool
         self._scratch = scratch
+        self._format = ChatFormat(pool.tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -144,7 +170,7 @@ class ContextMemoryLLM(CustomLLM):
             context_window=self.context_window,
             num_output=self.max_new_tokens,
             is_chat_model=True,
-            is_function_calling_model=False,
+            is_function_calling_model=True,
             model_name=self.model_name,
         )
 
@@ -225,45 +251,235 @@ class ContextMemoryLLM(CustomLLM):
 
     def _chat_responses(self, messages: Sequence[ChatMessage], kwargs: dict, stream: bool = False):
         """Chat responses as the reply grows (``stream``), or only the final one. The conversation
-        stays checked out of the pool (locked) until the generator ends."""
+        stays checked out of the pool (locked) until the generator ends. With tools, each response's
+        message holds the reply's text and the calls read so far (see :class:`_Reply`)."""
+        functions = tool_functions(kwargs.get("tools"))
+        choice = tool_choice(kwargs.get("tool_choice"), [f["name"] for f in functions])
         msgs = to_memory_messages(messages)
-        if not msgs:
+        if functions:
+            system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+            offer = {"role": "system", "content": core_tools.tools_system(self._pool.tokenizer, functions, system)}
+            msgs = [offer, *msgs[1:]] if system is not None else [offer, *msgs]
+        if not msgs or all(m["role"] == "system" for m in msgs):
             raise ValueError("no message with text to answer")
         opts, thread_id = self._options(kwargs)
+        if choice == "none":  # the tools stay listed (the same prefix); a call is not let begin
+            opts = opts.replace(stop=(*opts.stop, core_tools.TOOL_CALL_OPEN))
+        reply = _Reply(core_tools.ReplyParser(tools=bool(functions) and choice != "none"))
+        yielded = False
         with self._pool.conversation(msgs, thread_id=thread_id) as conv:
-            usage = {
+            reply.usage = {
                 "reused_tokens": conv.reused_tokens,
                 "new_tokens": conv.new_tokens,
                 "memory_tokens": len(conv.memory),
             }
-            text = ""
-            pieces = conv.memory.stream(None, **opts.as_kwargs())
-            try:
-                for piece in pieces:
-                    text += piece
-                    if stream:
-                        yield self._chat_response(text, piece, usage)
-            finally:
-                pieces.close()
-            extra = {"memory": pieces.explanation.sources()} if opts.explain else {}
-            if not stream:
-                yield self._chat_response(text, text, {**usage, **extra})
-            elif extra:
-                yield self._chat_response(text, "", {**usage, **extra})
+            if choice not in (None, "none"):
+                forced, explanation = self._forced_call(conv.memory, msgs[-1]["content"], functions, choice, opts)
+                delta = reply.feed(forced)
+                if stream and delta is not None:
+                    yielded = True
+                    yield reply.response(delta)
+            else:
+                pieces = conv.memory.stream(None, **opts.as_kwargs())
+                try:
+                    for piece in pieces:
+                        delta = reply.feed(piece)
+                        if stream and delta is not None:
+                            yielded = True
+                            yield reply.response(delta)
+                finally:
+                    pieces.close()
+                explanation = pieces.explanation
+        delta = reply.finish()
+        extra = {"memory": explanation.sources()} if opts.explain else {}
+        if not stream:
+            yield reply.response(reply.text, extra)
+        elif delta is not None or extra or not yielded:  # an empty reply still ends with a response
+            yield reply.response(delta or "", extra)
 
-    @staticmethod
-    def _chat_response(text: str, delta: str, extra: dict) -> ChatResponse:
-        return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
-            delta=delta,
-            additional_kwargs=dict(extra),
-        )
+    def _forced_call(
+        self, memory: ContextMemory, query: str, functions: list[dict], name: str, opts: SamplingOptions
+    ) -> tuple[str, Answer]:
+        """One call of tool ``name`` ("": the one the model names), schema-guided, after the passages
+        recall places for the last message (as the core places them before a chat turn). The memory
+        is left as it was."""
+        placed = memory.place(query, opts.recall) if query.strip() else []
+        header = ""
+        if placed:
+            text = "\n".join(h.text for h in reversed(placed))  # the best one nearest the reply
+            try:
+                header = self._format.message_text("system", f"{PLACED_HEADER}\n{text}", first=False)
+            except ValueError:  # a template that refuses a system message here: nothing is placed
+                placed = []
+        forced = ForcedCall(memory, header + self._format.generation_prompt, opts)
+        text = forced.call(functions, name or None)
+        return text, Answer(text, forced.attended(), placed)
+
+    # -------------------------------------------------------------------------------- tools
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The ``chat`` arguments for ``chat_with_tools``: the messages, the tools' OpenAI function
+        specs and the tool choice (``tool_required`` with no ``tool_choice``: "required")."""
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        functions = tool_functions(tools)
+        if tool_choice is None:
+            tool_choice = "required" if tool_required else "auto"
+        tool_choice_name(tool_choice, [f["name"] for f in functions])  # a bad choice fails here
+        return {"messages": messages, "tools": functions, "tool_choice": tool_choice, **kwargs}
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Without ``allow_parallel_tool_calls`` only the first call is kept (as OpenAI's LLM does)."""
+        if not allow_parallel_tool_calls:
+            calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+            if len(calls) > 1:
+                response.message.blocks = [
+                    b for b in response.message.blocks if not isinstance(b, ToolCallBlock) or b is calls[0]
+                ]
+        return response
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The response message's calls (its ``ToolCallBlock``s, or OpenAI-style
+        ``additional_kwargs["tool_calls"]``) as ``ToolSelection``s; with none, a ValueError, or []
+        when ``error_on_no_tool_call`` is False."""
+        selections = [
+            ToolSelection(tool_id=b.tool_call_id or "", tool_name=b.tool_name, tool_kwargs=_kwargs(b.tool_kwargs))
+            for b in response.message.blocks
+            if isinstance(b, ToolCallBlock)
+        ]
+        if not selections:
+            selections = [
+                ToolSelection(tool_id=f"call_{i}", tool_name=name, tool_kwargs=_kwargs(args))
+                for i, (name, args) in enumerate(tool_calls(response.message))
+            ]
+        if not selections and error_on_no_tool_call:
+            raise ValueError("expected at least one tool call in the response, got none")
+        return selections
 
     def _options(self, kwargs: dict) -> tuple[SamplingOptions, str | None]:
         """This call's generation options (its keyword arguments over the fields of the same names,
         see :data:`memory_plugin.sampling.ARGUMENTS`) and thread id."""
         return SamplingOptions().updated(dict(self)).updated(kwargs), kwargs.get("thread_id")
 
+
+
+class _Reply:
+    """A chat reply as it is read: its text and its calls (:class:`memory_plugin.tools.ReplyParser`
+    events), turned into ``ChatResponse``s. A block that is not a valid call joins the text as the
+    model wrote it (as :func:`~llama_index_memory_plugin.to_chat_messages` reads one back)."""
+
+    def __init__(self, parser: core_tools.ReplyParser):
+        self.parser = parser
+        self.text = ""
+        self.calls: list[ToolCallBlock] = []
+        self.usage: dict = {}
+
+    def feed(self, piece: str) -> str | None:
+        """Reads a piece of the reply; the text it added ("" for a call alone), or None when
+        nothing changed (text held back: it may be the start of a call)."""
+        return self._events(self.parser.feed(piece))
+
+    def finish(self) -> str | None:
+        return self._events(self.parser.finish())
+
+    def _events(self, events: list) -> str | None:
+        if not events:
+            return None
+        before = len(self.text)
+        for kind, value in events:
+            if kind == "text":
+                self.text += value
+            elif isinstance(value, core_tools.ToolCall):
+                self.calls.append(ToolCallBlock(tool_call_id=value.id, tool_name=value.name, tool_kwargs=value.args))
+            else:
+                self.text += ("\n" if self.text else "") + value.raw
+        return self.text[before:]
+
+    def response(self, delta: str, extra: dict | None = None) -> ChatResponse:
+        blocks: list = [TextBlock(text=self.text)] if self.text or not self.calls else []
+        message = ChatMessage(role=MessageRole.ASSISTANT, blocks=[*blocks, *self.calls])
+        return ChatResponse(message=message, delta=delta, additional_kwargs={**self.usage, **(extra or {})})
+
+
+def tool_functions(tools: Any) -> list[dict]:
+    """``tools`` (LlamaIndex tools, OpenAI tool dicts or bare function specs) as OpenAI function
+    specs: ``{"name", "description", "parameters"}``."""
+    if tools is None:
+        return []
+    if isinstance(tools, (str, dict)) or not isinstance(tools, Sequence):
+        raise TypeError(f"tools must be a list of tools, got {type(tools).__name__}")
+    out = []
+    for i, tool in enumerate(tools):
+        if isinstance(tool, BaseTool):
+            tool = tool.metadata.to_openai_tool(skip_length_check=True)
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+            tool = tool["function"]
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"].strip():
+            raise TypeError(f"tools[{i}] must be a LlamaIndex tool or an OpenAI function spec with a name, got {tool!r}")
+        out.append(tool)
+    return out
+
+
+def tool_choice(choice: Any, names: list[str]) -> str | None:
+    """``tool_choice`` as None (the model decides), "none", "" (a call of any tool is forced) or a
+    tool's name (a call of it is forced). Accepts "auto", "none", "required"/"any", True, a name, or
+    OpenAI's ``{"type": "function", "function": {"name": ...}}``; with no tools, None.
+
+    >>> tool_choice("required", ["add"]), tool_choice({"function": {"name": "add"}}, ["add"])
+    ('', 'add')
+    """
+    name = tool_choice_name(choice, names)
+    return name if names else None
+
+
+def tool_choice_name(choice: Any, names: list[str]) -> str | None:
+    if choice is None or choice is False or choice == "auto":
+        return None
+    if choice is True or choice in ("required", "any"):
+        return ""
+    if choice == "none":
+        return "none"
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"tool_choice {choice!r} names no tool")
+        choice = name
+    if not isinstance(choice, str):
+        raise TypeError(f"tool_choice must be a str, dict or bool, got {type(choice).__name__}")
+    if choice not in names:
+        raise ValueError(f"tool_choice {choice!r} is not one of the tools {names}")
+    return choice
+
+
+def _kwargs(args: Any) -> dict:
+    """A call's arguments as a dict (JSON text is decoded; anything else is {})."""
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            return {}
+    return dict(args) if isinstance(args, dict) else {}
 
 def _last(responses: Iterator[Any]) -> Any:
     out = None

@@ -32,7 +32,7 @@ def test_metadata_reports_the_memory_capacity_and_the_model(llm, tiny_model):
     meta = llm.metadata
     assert meta.context_window == MEMORY_CONTEXT_WINDOW > llm.trained_context_window
     assert llm.trained_context_window == tiny_model.config.max_position_embeddings
-    assert meta.num_output == 8 and meta.is_chat_model and not meta.is_function_calling_model
+    assert meta.num_output == 8 and meta.is_chat_model and meta.is_function_calling_model
     assert meta.model_name == "llama"
     smaller = ContextMemoryLLM(model=tiny_model, tokenizer=llm.pool.tokenizer, context_window=1000)
     assert smaller.metadata.context_window == 1000
