@@ -112,9 +112,17 @@ class MemoryPool:
     # ---------------------------------------------------------------------------- threads
     @contextlib.contextmanager
     def thread(self, tenant: str, thread: str) -> Iterator[ContextMemory]:
-        """The thread's memory (created if new), held for this thread alone during the block."""
+        """The thread's memory (created if new), held for this thread alone during the block. What
+        the block writes into it (``add_message``, ``forget``) is what the next :meth:`conversation`
+        starts from."""
         with self._checkout(tenant, thread) as slot:
-            yield slot.memory
+            try:
+                yield slot.memory
+            finally:
+                msgs = slot.memory.messages
+                if msgs != slot.messages:  # changed in the block: what it holds now is the conversation
+                    slot.messages = None if any(m["role"] is None for m in msgs) else msgs
+                    slot.before_last = None
 
     @contextlib.contextmanager
     def conversation(self, tenant: str, thread: str, messages: Sequence[dict]) -> Iterator[Conversation]:

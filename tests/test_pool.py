@@ -195,3 +195,18 @@ def test_forget_and_find_thread(make_pool, tmp_path):
     assert pool.find_thread("acme", kept) == "t"
     with pool.conversation("acme", "t", kept + [ASK]) as c:  # continues what is left, re-encoding nothing
         assert c.memory.messages == kept + [ASK] and c.reused_tokens > 0
+
+
+def test_what_a_thread_block_writes_is_what_the_next_conversation_continues(make_pool):
+    pool = make_pool()
+    with pool.conversation("acme", "t", CONV):
+        pass
+    with pool.thread("acme", "t") as mem:  # a message written outside any conversation
+        mem.add_message("user", "Also: the gate code is 9911.")
+    held = CONV + [{"role": "user", "content": "Also: the gate code is 9911."}]
+    with pool.conversation("acme", "t", held + [ASK]) as c:  # continues it, re-encoding nothing
+        assert c.reused_tokens == len(_fresh(pool, held)) and c.memory.messages == held + [ASK]
+    with pool.thread("acme", "t") as mem:
+        mem.forget(where=lambda e: "9911" in e.content)
+    with pool.conversation("acme", "t", CONV + [ASK]) as c:  # what is left is reused, not encoded again
+        assert c.reused_tokens == len(c.memory) and c.memory.token_ids == _fresh(pool, CONV + [ASK]).token_ids
