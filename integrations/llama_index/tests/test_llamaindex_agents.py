@@ -160,9 +160,12 @@ def test_forced_calls_are_valid_calls_of_the_tool_asked_for(llm):
     response = llm.chat_with_tools(tools, user_msg=QUESTION, tool_required=True)
     assert response.message.blocks and isinstance(response.message.blocks[-1], ToolCallBlock)
     assert response.message.blocks[-1].tool_name in ("lookup", "add")
-    # Streamed, a forced call comes whole in the last response.
-    chunks = list(llm.stream_chat_with_tools(tools[:1], user_msg=QUESTION, tool_choice="lookup"))
+    # Streamed, a forced call comes whole in the last response; explained, with what it attended.
+    chunks = list(llm.stream_chat_with_tools(tools[:1], user_msg=QUESTION, tool_choice="lookup", explain=True))
     assert [s.tool_name for s in llm.get_tool_calls_from_response(chunks[-1])] == ["lookup"]
+    memory = chunks[-1].additional_kwargs["memory"]
+    assert memory["placed"] == [] and memory["attended"]  # a short conversation: nothing to place
+    assert all(h["channels"] == ["attended"] for h in memory["attended"])
 
 
 def test_bad_tools_and_tool_choices_fail_naming_the_argument(llm):
