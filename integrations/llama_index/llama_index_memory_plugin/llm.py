@@ -254,14 +254,15 @@ class ContextMemoryLLM(FunctionCallingLLM):
         stays checked out of the pool (locked) until the generator ends. With tools, each response's
         message holds the reply's text and the calls read so far (see :class:`_Reply`)."""
         functions = tool_functions(kwargs.get("tools"))
-        choice = tool_choice(kwargs.get("tool_choice"), [f["name"] for f in functions])
+        choice = normalise_tool_choice(kwargs.get("tool_choice"), [f["name"] for f in functions])
+        choice = choice if functions else None
         msgs = to_memory_messages(messages)
-        if functions:
-            system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+        if not msgs:
+            raise ValueError("no message with text to answer")
+        if functions:  # listed in the first system message (or one of their own)
+            system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
             offer = {"role": "system", "content": core_tools.tools_system(self._pool.tokenizer, functions, system)}
             msgs = [offer, *msgs[1:]] if system is not None else [offer, *msgs]
-        if not msgs or all(m["role"] == "system" for m in msgs):
-            raise ValueError("no message with text to answer")
         opts, thread_id = self._options(kwargs)
         if choice == "none":  # the tools stay listed (the same prefix); a call is not let begin
             opts = opts.replace(stop=(*opts.stop, core_tools.TOOL_CALL_OPEN))
@@ -337,7 +338,7 @@ class ContextMemoryLLM(FunctionCallingLLM):
         functions = tool_functions(tools)
         if tool_choice is None:
             tool_choice = "required" if tool_required else "auto"
-        tool_choice_name(tool_choice, [f["name"] for f in functions])  # a bad choice fails here
+        normalise_tool_choice(tool_choice, [f["name"] for f in functions])  # a bad choice fails here
         return {"messages": messages, "tools": functions, "tool_choice": tool_choice, **kwargs}
 
     def _validate_chat_with_tools_response(
@@ -380,7 +381,6 @@ class ContextMemoryLLM(FunctionCallingLLM):
         """This call's generation options (its keyword arguments over the fields of the same names,
         see :data:`memory_plugin.sampling.ARGUMENTS`) and thread id."""
         return SamplingOptions().updated(dict(self)).updated(kwargs), kwargs.get("thread_id")
-
 
 
 class _Reply:
@@ -435,24 +435,19 @@ def tool_functions(tools: Any) -> list[dict]:
         if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
             tool = tool["function"]
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"].strip():
-            raise TypeError(f"tools[{i}] must be a LlamaIndex tool or an OpenAI function spec with a name, got {tool!r}")
+            raise TypeError(f"tools[{i}] must be a LlamaIndex tool or an OpenAI function spec with a name: {tool!r}")
         out.append(tool)
     return out
 
 
-def tool_choice(choice: Any, names: list[str]) -> str | None:
+def normalise_tool_choice(choice: Any, names: list[str]) -> str | None:
     """``tool_choice`` as None (the model decides), "none", "" (a call of any tool is forced) or a
-    tool's name (a call of it is forced). Accepts "auto", "none", "required"/"any", True, a name, or
-    OpenAI's ``{"type": "function", "function": {"name": ...}}``; with no tools, None.
+    tool's name (a call of it is forced). Accepts "auto", "none", "required"/"any", True, a name
+    among ``names``, or OpenAI's ``{"type": "function", "function": {"name": ...}}``.
 
-    >>> tool_choice("required", ["add"]), tool_choice({"function": {"name": "add"}}, ["add"])
+    >>> normalise_tool_choice("required", ["add"]), normalise_tool_choice({"function": {"name": "add"}}, ["add"])
     ('', 'add')
     """
-    name = tool_choice_name(choice, names)
-    return name if names else None
-
-
-def tool_choice_name(choice: Any, names: list[str]) -> str | None:
     if choice is None or choice is False or choice == "auto":
         return None
     if choice is True or choice in ("required", "any"):
