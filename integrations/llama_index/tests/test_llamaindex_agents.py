@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from llama_index.core.agent.workflow import AgentOutput, AgentWorkflow, FunctionAgent, ToolCallResult
 from llama_index.core.base.llms.types import ChatMessage, ToolCallBlock
+from llama_index.core.bridge.pydantic import BaseModel
+from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 
 from llama_index_memory_plugin import ContextMemoryLLM
@@ -166,6 +168,18 @@ def test_forced_calls_are_valid_calls_of_the_tool_asked_for(llm):
     memory = chunks[-1].additional_kwargs["memory"]
     assert memory["placed"] == [] and memory["attended"]  # a short conversation: nothing to place
     assert all(h["channels"] == ["attended"] for h in memory["attended"])
+
+
+class Note(BaseModel):
+    title: str
+    body: str
+
+
+def test_structured_predict_goes_through_a_forced_call_and_gives_the_object(llm):
+    # LlamaIndex's function-calling program forces a call of a tool built from the class: the keys
+    # come from its schema, so even the random model's values make a valid object.
+    note = llm.structured_predict(Note, PromptTemplate("Write a note about {topic}."), topic="the sky")
+    assert isinstance(note, Note) and isinstance(note.title, str) and isinstance(note.body, str)
 
 
 def test_bad_tools_and_tool_choices_fail_naming_the_argument(llm):
