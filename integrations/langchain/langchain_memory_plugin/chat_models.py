@@ -7,14 +7,16 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput, ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
@@ -29,10 +31,10 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import Self
 
-from memory_plugin import Answer, ContextMemory, ConversationPool, MemoryConfig, MemoryHit
+from memory_plugin import Answer, ContextMemory, MemoryConfig, MemoryHit
 from memory_plugin.bridge import iterate_in_thread
 from memory_plugin.chat import ChatFormat
-from memory_plugin.loading import DEFAULT_MODEL_NAME
+from memory_plugin.loading import DEFAULT_GGUF, DEFAULT_MODEL_NAME
 from memory_plugin.memory import PLACED_HEADER
 from memory_plugin.sampling import SamplingOptions
 from memory_plugin.tools import tools_system
@@ -49,6 +51,13 @@ from ._format import (
     to_core_messages,
 )
 from ._loading import load_shared_model
+from ._threads import ThreadMemories, config_key
+
+#: ``profile["max_input_tokens"]``: the longest history the memory was measured answering at
+#: (64k tokens, docs/BENCHMARKS.md). Not a hard limit: the memory attends over any length at about
+#: the same cost per turn; middleware that trims by the profile (``SummarizationMiddleware`` with
+#: fractional limits) starts trimming only beyond it.
+MEASURED_INPUT_TOKENS = 65_536
 
 
 @dataclass
@@ -77,18 +86,26 @@ class _Done:
     finish_reason: str
     thread_id: str | None = None
     memory: dict | None = None  # explain: {"attended": [...], "placed": [...]}
+    namespace: str = ""
 
 
 class ContextMemoryChatModel(BaseChatModel):
     """A chat model on a local transformers model whose history lives in a ContextMemory.
 
-    LangChain agents resend the whole conversation on every call. This model keeps a small LRU of
-    memories (one per ``thread_id`` in the run config's ``configurable``, or ``session_id`` as
-    ``RunnableWithMessageHistory`` sets it; else found by the conversation's prefix):
-    when a call's messages extend what a memory holds, only the new messages are encoded; an edited
-    or unrelated conversation gets a correct memory of its own. The memory attends over its whole
-    history at a cost per turn that does not grow with it, so conversations far longer than the
-    model's trained context work.
+    LangChain agents resend the whole conversation on every call. This model keeps a memory per
+    conversation thread (the ``thread_id`` in the run config's ``configurable``, or ``session_id`` as
+    ``RunnableWithMessageHistory`` sets it; else found by the conversation's prefix) and LangGraph
+    namespace (the graph node calling it, from ``checkpoint_ns``: see :mod:`._threads`), so a
+    summariser or subagent calling the same model in the same thread does not reset the agent's
+    memory. When a call's messages extend what a memory holds, only the new messages are encoded;
+    an edited or unrelated conversation gets a correct memory of its own. The memory attends over
+    its whole history at a cost per turn that does not grow with it, so conversations far longer
+    than the model's trained context work.
+
+    With ``memory_dir`` each thread's memory is a directory there: it survives being closed (LRU)
+    and restarts, and a new process continues a thread without encoding its history again (the
+    LangGraph checkpointer keeps the messages, this directory their encoding). Get one with
+    :meth:`thread_memory` to search, save or forget in it.
 
     Tool calling uses the model's chat template when it renders tools, else the documented prompt
     format of :mod:`memory_plugin.tools` (``<tool_call>{"name", "arguments"}</tool_call>``), the one
@@ -99,18 +116,24 @@ class ContextMemoryChatModel(BaseChatModel):
         >>> llm = ContextMemoryChatModel(max_tokens=64)  # embedded SmolLM2-135M-Instruct  # doctest: +SKIP
         >>> llm.invoke("Hello!").content  # doctest: +SKIP
         >>> llm.invoke(msgs, config={"configurable": {"thread_id": "alice"}})  # doctest: +SKIP
+        >>> agent = create_agent(ContextMemoryChatModel(memory_dir="memories"), tools, checkpointer=saver)  # doctest: +SKIP
 
     Args:
         model: None for the embedded SmolLM2-135M-Instruct, else a local directory, ``.gguf`` file or
             hub id in the local cache (Llama, Mistral, Qwen2 architectures). Loaded on first use;
             instances naming the same model share its weights.
-        memory: an existing ContextMemory to answer with (its model is used); a call whose messages
-            extend the memory's messages reuses it.
+        memory: an existing ContextMemory to answer with (its model and config are used for every
+            conversation); a call without a thread id whose messages extend the memory's messages
+            reuses it.
         memory_config: the memory geometry for new conversations (default: ``MemoryConfig()``).
+        memory_dir: a directory for durable thread memories (created; see above). Calls without a
+            thread id are kept in RAM. Close with :meth:`close` (done at interpreter exit too) so the
+            next process reopens every memory without encoding its last messages again.
         max_tokens, temperature, top_p, seed, stop: generation defaults, overridable per call (with
             ``min_new_tokens``: the core's :class:`~memory_plugin.sampling.SamplingOptions`, as every
             front end takes them; ``max_new_tokens`` is accepted for ``max_tokens``).
-        max_conversations: memories kept (LRU).
+        max_conversations: memories kept (LRU); with ``memory_dir``, memories kept open (the others
+            stay on disk).
         continue_final_message: when the messages end with an assistant message (without tool
             calls), continue it instead of starting a new turn (an "assistant prefill", as
             transformers' ``continue_final_message``); the reply holds only the continuation.
@@ -124,6 +147,7 @@ class ContextMemoryChatModel(BaseChatModel):
             passages of the history the model attended most while writing the reply, and those placed
             before it, each a dict of ``text``, ``start``/``end`` (token span in the history),
             ``score``, ``message_index``, ``role`` and ``channels``.
+        profile: LangChain's model profile (default: :meth:`_resolve_model_profile`).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -131,6 +155,7 @@ class ContextMemoryChatModel(BaseChatModel):
     model: str | None = None
     memory: ContextMemory | None = Field(default=None, exclude=True)
     memory_config: MemoryConfig | None = Field(default=None, exclude=True)
+    memory_dir: Path | None = None
     device: str | None = None
     max_tokens: int = Field(default=256, gt=0)
     temperature: float = Field(default=0.0, ge=0)
@@ -152,6 +177,43 @@ class ContextMemoryChatModel(BaseChatModel):
             raise ValueError("pass either memory= (its model is used) or model=, not both")
         return self
 
+    # ------------------------------------------------------------------------ thread memories
+    @contextlib.contextmanager
+    def thread_memory(self, thread_id: str, namespace: str = "") -> Iterator[ContextMemory]:
+        """The durable memory of a thread (``memory_dir`` only), held for this thread alone during
+        the ``with`` block: search it (``retrieve``), save a copy (``save``), forget in it
+        (``forget``). The next call on the thread continues from what it holds then.
+
+        ``namespace``: the LangGraph node path that made the calls (``checkpoint_ns`` without task
+        ids): ``"model"`` for the agent of ``langchain.agents.create_agent`` (``AGENT_NAMESPACE``),
+        a node's name in a graph of your own, ``""`` for calls made outside a graph. See
+        :meth:`namespaces`.
+
+        Example:
+            >>> with llm.thread_memory("alice", namespace="model") as mem:  # doctest: +SKIP
+            ...     hits = mem.retrieve("database port", k=2)
+        """
+        pools, _ = self._pool(None)
+        with pools.thread(thread_id, namespace) as mem:
+            yield mem
+
+    def namespaces(self, thread_id: str) -> list[str]:
+        """The namespaces a durable thread has memories in, most recently used first."""
+        return self._pool(None)[0].namespaces(thread_id)
+
+    def delete_thread(self, thread_id: str) -> int:
+        """Delete a durable thread's memories, in every namespace, with their files (as a LangGraph
+        checkpointer's ``delete_thread`` deletes its checkpoints); returns how many."""
+        return self._pool(None)[0].delete(thread_id)
+
+    def close(self) -> None:
+        """Close the durable memories open now: each writes its final snapshot, so the next process
+        (or call: they reopen on use) encodes nothing again."""
+        with self._pools_lock:
+            pools = list(self._pools.values())
+        for p in pools:
+            p.close()
+
     # ------------------------------------------------------------------------ LangChain plumbing
     @property
     def _llm_type(self) -> str:
@@ -159,20 +221,45 @@ class ContextMemoryChatModel(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        config = self.memory.config if self.memory is not None else (self.memory_config or MemoryConfig())
         return {
             "model_name": self._model_name(None),
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
+            "recall": self.recall,
+            "memory_config": config.to_dict(),
+            "memory_dir": None if self.memory_dir is None else str(self.memory_dir),
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop or self.stop, **kwargs)
         params["ls_provider"] = "memory_plugin"
         override = kwargs.get("model")
-        params["ls_model_name"] = override if isinstance(override, str) else self._model_name(None)
+        params["ls_model_name"] = _model_id(override if isinstance(override, str) else self._model_name(None))
         return params
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        """What middleware reads of the model: ``max_input_tokens`` (:data:`MEASURED_INPUT_TOKENS`,
+        not a hard limit), text in and out, tool calling with tool choice and streamed calls.
+        ``structured_output`` (native, alongside tools) is False: ``create_agent`` then asks for
+        structured output through a forced tool call, which this model guides by the schema."""
+        return ModelProfile(
+            max_input_tokens=MEASURED_INPUT_TOKENS,
+            text_inputs=True,
+            image_inputs=False,
+            pdf_inputs=False,
+            audio_inputs=False,
+            video_inputs=False,
+            text_outputs=True,
+            tool_calling=True,
+            tool_choice=True,
+            tool_call_streaming=True,
+            structured_output=False,
+            temperature=True,
+            open_weights=True,
+        )
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in this model's tokenizer (loads the model if needed)."""
@@ -180,7 +267,7 @@ class ContextMemoryChatModel(BaseChatModel):
         return pool.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # The run config reaches a chat model's _generate only through the context, which a direct
-    # invoke(..., config=...) does not set; pass its thread_id on explicitly.
+    # invoke(..., config=...) does not set; pass its thread_id and namespace on explicitly.
     def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop=None, **kwargs):
         return super().invoke(input, config, stop=stop, **_with_thread_id(config, kwargs))
 
@@ -254,7 +341,7 @@ class ContextMemoryChatModel(BaseChatModel):
                 chunk = tool_call_chunk(name=value["name"], args=args, id=value["id"], index=index)
                 index += 1
                 yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[chunk]))
-            else:
+            elif kind == "done":
                 yield ChatGenerationChunk(
                     message=AIMessageChunk(
                         content="",
@@ -265,15 +352,17 @@ class ContextMemoryChatModel(BaseChatModel):
                 )
 
     def _events(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> Iterator[tuple[str, Any]]:
-        """The reply as events: ("text", str), ("call", ToolCall | InvalidToolCall), ("done", _Done)."""
+        """The reply as events: ("text", str), ("call", ToolCall | InvalidToolCall), ("done", _Done),
+        and ("tick", None) after each generated piece: a consumer that stops (a cancelled async
+        call) stops the generation there, even while the parser holds text back."""
         opts = self._options(kwargs, stop)
         max_tokens, recall, explain = opts.max_new_tokens, opts.recall, opts.explain
         pool, name = self._pool(kwargs.get("model"))
         plan = self._plan(messages, pool.tokenizer, kwargs, list(opts.stop))
-        thread_id = kwargs.get("thread_id") or _config_thread_id()
+        thread_id, namespace = _call_key(kwargs)
         parser = ReplyParser(tools=plan.parse_tools)
         watcher = JsonObjectEnd() if plan.json_object else None
-        with pool.conversation(plan.messages, thread_id=thread_id) as conv:
+        with pool.conversation(plan.messages, thread_id, namespace) as conv:
             mem = conv.memory
             reused = conv.reused_tokens
             guided = plan.force is not None or plan.schema is not None
@@ -319,6 +408,7 @@ class ContextMemoryChatModel(BaseChatModel):
                             piece = piece if end is None else piece[:end]
                         generated += piece
                         yield from parser.feed(piece)
+                        yield "tick", None
                         if watcher and watcher.done:
                             break
                 answer = pieces.explanation if explain else None
@@ -332,7 +422,7 @@ class ContextMemoryChatModel(BaseChatModel):
             reason = "tool_calls"
         else:
             reason = "stop"
-        yield "done", _Done(name, prompt_tokens, out_tokens, reused, reason, thread_id, memory)
+        yield "done", _Done(name, prompt_tokens, out_tokens, reused, reason, thread_id, memory, namespace)
 
     def _plan(self, messages: list[BaseMessage], tokenizer, kwargs: dict, stop: list[str]) -> _Plan:
         functions = [t["function"] for t in kwargs.get("tools") or [] if isinstance(t, dict) and "function" in t]
@@ -370,18 +460,22 @@ class ContextMemoryChatModel(BaseChatModel):
             plan.json_object = True
         return plan
 
-    def _pool(self, override: Any) -> tuple[ConversationPool, str]:
+    def _pool(self, override: Any) -> tuple[ThreadMemories, str]:
+        """The memories of the model (``override``: another model named per call; its durable
+        threads live in a subdirectory of ``memory_dir`` named after it)."""
         key = override if isinstance(override, str) and override != self.model else None
         with self._pools_lock:
             pool = self._pools.get(key)
             if pool is None:
+                memory_dir = self.memory_dir
+                if memory_dir is not None and key is not None:
+                    memory_dir = memory_dir / "models" / _model_id(key)
+                kw = dict(memory_dir=memory_dir, max_open=self.max_conversations)
                 if key is None and self.memory is not None:
-                    pool = ConversationPool(memory=self.memory, max_conversations=self.max_conversations)
+                    pool = ThreadMemories(memory=self.memory, **kw)
                 else:
                     hf_model, tokenizer = load_shared_model(key if key is not None else self.model, device=self.device)
-                    pool = ConversationPool(
-                        hf_model, tokenizer, self.memory_config, max_conversations=self.max_conversations
-                    )
+                    pool = ThreadMemories(hf_model, tokenizer, self.memory_config, **kw)
                 self._pools[key] = pool
         return pool, self._model_name(key)
 
@@ -592,7 +686,7 @@ def _result(events: Iterator[tuple[str, Any]] | list[tuple[str, Any]]) -> ChatRe
             text.append(value)
         elif kind == "call":
             (calls if value["type"] == "tool_call" else invalid).append(value)
-        else:
+        elif kind == "done":
             done = value
     message = AIMessage(
         content="".join(text),
@@ -604,23 +698,42 @@ def _result(events: Iterator[tuple[str, Any]] | list[tuple[str, Any]]) -> ChatRe
     return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": done.model_name})
 
 
-def _thread_of(config: RunnableConfig | None) -> str | None:
-    """The conversation's key in a run config: LangGraph's ``thread_id``, else the ``session_id`` of
-    ``RunnableWithMessageHistory``."""
-    configurable = (config or {}).get("configurable") or {}
-    key = configurable.get("thread_id", configurable.get("session_id"))
-    return None if key is None else str(key)
-
-
 def _with_thread_id(config: RunnableConfig | None, kwargs: dict) -> dict:
-    thread_id = _thread_of(config)
+    """``kwargs`` with the ``thread_id`` and ``namespace`` of an explicit run config."""
+    thread_id, namespace = config_key(config)
     if thread_id is not None and "thread_id" not in kwargs:
-        return {**kwargs, "thread_id": thread_id}
+        return {"namespace": namespace, **kwargs, "thread_id": thread_id}
     return kwargs
 
 
-def _config_thread_id() -> str | None:
-    return _thread_of(ensure_config())
+def _call_key(kwargs: dict) -> tuple[str | None, str]:
+    """A call's ``(thread_id, namespace)``: its keyword arguments (set from an explicit config by
+    :func:`_with_thread_id`), else the run config in the context (LangGraph nodes, chains)."""
+    if kwargs.get("thread_id") is not None:
+        thread_id, namespace = str(kwargs["thread_id"]), kwargs.get("namespace")
+    else:
+        thread_id, namespace = config_key(ensure_config())
+        namespace = kwargs.get("namespace", namespace)
+    if namespace is None:
+        namespace = ""
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+    return thread_id, namespace
+
+
+def _model_id(name: str) -> str:
+    """A model's id (LangSmith's ``ls_model_name``), not its description: the embedded model's file
+    name, a local file's or directory's name, else the name as given (a hub id).
+
+    >>> _model_id(DEFAULT_MODEL_NAME), _model_id("Qwen/Qwen2.5-0.5B-Instruct")
+    ('SmolLM2-135M-Instruct.Q4_1', 'Qwen/Qwen2.5-0.5B-Instruct')
+    """
+    if name == DEFAULT_MODEL_NAME:
+        return Path(DEFAULT_GGUF).stem
+    if os.path.exists(name):
+        path = Path(name)
+        return path.stem if path.suffix == ".gguf" else path.name
+    return name
 
 
 def _normalise_tool_choice(choice: Any, functions: list[dict]) -> str | None:
@@ -706,6 +819,8 @@ def _response_metadata(done: _Done) -> dict:
     meta = {"model_name": done.model_name, "finish_reason": done.finish_reason, "reused_tokens": done.reused_tokens}
     if done.thread_id is not None:
         meta["thread_id"] = done.thread_id
+        if done.namespace:
+            meta["namespace"] = done.namespace
     if done.memory is not None:
         meta["memory"] = done.memory
     return meta
