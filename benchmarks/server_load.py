@@ -179,8 +179,9 @@ def crash(args, model: str | None, root: Path) -> dict:
                 report["problems"].append(f"{conv}: could not continue from {last[conv]}: {r.status_code} {r.text[:200]}")
                 continue
             # The killed thread holds the unanswered input after its last response: continuing from
-            # that response diverges from what it holds, and the pool encodes it again (no checkpoint
-            # survives a restart), so only the other threads are expected to reuse tokens.
+            # that response diverges from what it holds, and the pool crops it back to the last
+            # snapshot before that input (ContextMemory.crop). These threads are shorter than the
+            # snapshot interval (4,096 tokens): none precedes it, so only the others reuse tokens.
             cached = r.json()["usage"]["input_tokens_details"]["cached_tokens"]
             report.setdefault("cached_tokens_on_continue", {})[conv] = cached
             if cached == 0 and conv != conv0:

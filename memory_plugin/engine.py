@@ -134,14 +134,16 @@ class Engine:
             self.history.extend([Entry(role, content, start, len(self))])
 
     # ---------------------------------------------------------------------------- forgetting
-    def forget(self, drop: set[int], base=None) -> None:
+    def forget(self, drop: set[int], base=None) -> int:
         """Remove entries ``drop`` so that nothing derived from them remains: the kept entries are
         re-encoded from their token ids into a new context (on top of ``base``, a restored
         ``(context, entries)`` covering only entries before the first dropped one), the index is
-        rebuilt, and an open directory is replaced atomically (:meth:`Durable.replace`)."""
+        rebuilt, and an open directory is replaced atomically (:meth:`Durable.replace`). Returns
+        the tokens encoded again."""
         rows = [r for i, r in enumerate(self.history.rows(self.ctx.tokens)) if i not in drop]
         ctx, entries = base if base is not None else (self.forward.new_context(self.config, spill_dir=self.spill_dir), [])
         history = History(entries)
+        restored = ctx.layout.n_tokens
         for role, content, ids in rows[len(entries) :]:
             start = ctx.layout.n_tokens
             if start == 0 and ids[: len(self.chat.bos)] != self.chat.bos:
@@ -172,6 +174,7 @@ class Engine:
         old.store.close()
         self.index = LexicalIndex(index_path)
         self.reindex()
+        return ctx.layout.n_tokens - restored
 
     # ---------------------------------------------------------------------------- checkpoints
     def checkpoint(self) -> tuple[object, dict, int, int]:

@@ -170,6 +170,28 @@ class ContextMemory:
                 self._engine.forget(drop, _p.snapshot_base(self._engine, min(drop)))
             return len(drop)
 
+    def crop(self, n_entries: int) -> int:
+        """Keep the first ``n_entries`` entries and drop the rest, as :meth:`forget` does (a
+        conversation that diverged from this history at that entry). An open memory comes back from
+        its last snapshot before the cut, so only the entries between it and the cut are encoded
+        again; an in-RAM one encodes the kept entries again from their token ids. Returns the tokens
+        encoded again (what a cut cost beyond reading the snapshot).
+
+        Example:
+            >>> mem.crop(len(mem.entries) - 2)  # doctest: +SKIP
+            0
+        """
+        if isinstance(n_entries, bool) or not isinstance(n_entries, int):
+            raise TypeError(f"n_entries must be an int, got {type(n_entries).__name__}")
+        with self._lock:
+            n = len(self._engine.history)
+            if not 0 <= n_entries <= n:
+                raise IndexError(f"n_entries: {n_entries} is not between 0 and the memory's {n} entries")
+            if n_entries == n:
+                return 0
+            drop = set(range(n_entries, n))
+            return self._engine.forget(drop, _p.snapshot_base(self._engine, n_entries))
+
     def checkpoint(self) -> Checkpoint:
         """A handle to the current state; :meth:`rollback` returns to it (branching, undo).
 

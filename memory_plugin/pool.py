@@ -128,7 +128,8 @@ class MemoryPool:
     def conversation(self, tenant: str, thread: str, messages: Sequence[dict]) -> Iterator[Conversation]:
         """The thread's memory holding exactly ``messages`` (chat messages): what it already holds
         is reused when ``messages`` extend it; a conversation that diverges rolls back to where
-        they agree (the last message swapped cheaply, otherwise encoded again), never mixed."""
+        they agree (the last message swapped cheaply, otherwise cropped from the thread's last
+        snapshot before that point), never mixed."""
         msgs = check_messages(messages)
         with self._checkout(tenant, thread) as slot:
             if slot.messages is None:  # raw text: no conversation extends it

@@ -151,17 +151,21 @@ def sync_messages(
 ) -> tuple[int, int, Checkpoint | None]:
     """Bring ``mem`` (holding the messages ``held``) to hold exactly ``msgs``: what they share
     is kept; when only the last held message differs it is swapped through ``before_last`` (the
-    checkpoint taken before it), otherwise the memory is encoded again. Returns the tokens reused,
-    the tokens encoded, and the new checkpoint before the last message."""
+    checkpoint taken before it), otherwise the memory is cropped to the shared messages (an open
+    memory from its last snapshot before them; see :meth:`ContextMemory.crop`). Returns the tokens
+    reused, the tokens encoded, and the new checkpoint before the last message."""
     n = _common_prefix(held, msgs)
+    encoded_again = 0
     if n < len(held):
         if n == len(held) - 1 and before_last is not None:
             mem.rollback(before_last)  # only the last message changed (edit, regenerate)
+        elif n > 0 and len(mem.entries) == len(held):  # one entry per held message
+            encoded_again = mem.crop(n)
         else:
             mem.reset()
             n = 0
         before_last = None
-    reused = len(mem)
+    reused = len(mem) - encoded_again
     todo = msgs[n:]
     if todo:
         if len(todo) > 1:

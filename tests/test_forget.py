@@ -100,6 +100,55 @@ def test_a_forgotten_entry_is_in_no_file_of_an_open_memory(tmp_path, tiny_model,
         assert not again.retrieve("vault zebra", k=5) or all("zebra" not in h.text for h in again.retrieve("vault zebra", k=5))
 
 
+def _same_as_fresh(mem, model, tok, groups=None):
+    """``mem`` holds what a new memory holds after adding its messages in ``groups`` (by default one
+    at a time, as a crop encodes them: chunks start at each entry)."""
+    fresh = ContextMemory(model, tok, testing.TINY_CONFIG)
+    for g in groups or [[m] for m in mem.messages]:
+        fresh.add_messages(g)
+    return fresh.token_ids == mem.token_ids and _state(fresh._engine.ctx) == _state(mem._engine.ctx)
+
+
+def test_crop_keeps_a_prefix_as_if_the_rest_had_never_been_said(tiny_model, tiny_tokenizer):
+    mem = _memory(tiny_model, tiny_tokenizer)
+    assert mem.crop(len(MSGS)) == 0 and mem.messages == MSGS  # nothing to drop
+    kept = mem.entries[2].end
+    assert mem.crop(3) == kept  # in RAM the kept entries are encoded again from their token ids
+    assert mem.messages == MSGS[:3] and len(mem) == kept and _same_as_fresh(mem, tiny_model, tiny_tokenizer)
+    mem.add_message("user", "and then")
+    assert mem.messages == MSGS[:3] + [{"role": "user", "content": "and then"}]
+    assert mem.crop(0) == 0 and mem.messages == [] and len(mem) == 0
+
+
+@pytest.mark.parametrize(
+    "arg, error, match",
+    [(-1, IndexError, "n_entries: -1"), (6, IndexError, "n_entries: 6"), ("2", TypeError, "n_entries must be"),
+     (True, TypeError, "n_entries must be")],  # fmt: skip
+)
+def test_bad_crop_arguments_name_the_argument_and_change_nothing(tiny_model, tiny_tokenizer, arg, error, match):
+    mem = _memory(tiny_model, tiny_tokenizer)
+    before = _state(mem._engine.ctx)
+    with pytest.raises(error, match=match):
+        mem.crop(arg)
+    assert _state(mem._engine.ctx) == before and mem.messages == MSGS
+
+
+def test_an_open_memory_crops_from_its_snapshot_and_its_files_lose_the_rest(tmp_path, tiny_model, tiny_tokenizer):
+    path = tmp_path / "m"
+    with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG) as mem:
+        mem.add_messages(MSGS[:2])
+    with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer, snapshot_every=10_000) as mem:
+        mem.add_messages(MSGS[2:])  # after the snapshot, which covers the first two entries
+        assert mem.crop(3) == mem.entries[2].end - mem.entries[1].end  # only the entry after the snapshot
+        assert mem.messages == MSGS[:3] and _same_as_fresh(mem, tiny_model, tiny_tokenizer, [MSGS[:2], MSGS[2:3]])
+        again = mem.crop(2)  # the crop's own snapshot covers three entries: no snapshot before two
+        assert again == len(mem) and mem.messages == MSGS[:2]
+        msgs, ids = mem.messages, mem.token_ids
+    assert b"zebra" not in _bytes_under(path)
+    with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer) as again:
+        assert again.messages == msgs == MSGS[:2] and again.token_ids == ids
+
+
 _FORGETTER = """
 import sys
 from memory_plugin import ContextMemory, testing

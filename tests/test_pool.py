@@ -71,6 +71,25 @@ def test_a_diverging_conversation_is_never_mixed_into_the_thread(make_pool):
         assert c.memory.messages == other and c.memory.token_ids == _fresh(pool, other).token_ids
 
 
+def test_a_conversation_diverging_below_its_last_message_is_cropped_from_the_snapshot(make_pool):
+    pool = make_pool()
+    with pool.conversation("acme", "t", CONV):
+        pass
+    pool.close()  # a snapshot covering CONV (as after a restart)
+    pool = make_pool(snapshot_every=10_000)
+    tail = [ASK, {"role": "assistant", "content": "4721."}, {"role": "user", "content": "And the door?"}]
+    with pool.conversation("acme", "t", CONV + tail):
+        pass
+    edited = CONV + [{"role": "user", "content": "What colour is the sky?"}]  # diverges two messages back
+    with pool.conversation("acme", "t", edited) as c:
+        assert c.reused_tokens == len(_fresh(pool, CONV))  # read from the snapshot, not encoded again
+        assert c.memory.messages == edited and c.reused_tokens + c.new_tokens == len(c.memory)
+        fresh = _fresh(pool, CONV)
+        fresh.add_messages(edited[-1:])
+        assert c.memory.token_ids == fresh.token_ids
+        assert c.memory.generate(None, max_new_tokens=4) == fresh.generate(None, max_new_tokens=4)
+
+
 def test_tenants_see_only_their_own_threads(make_pool):
     pool = make_pool()
     with pool.conversation("a", "same-id", CONV):

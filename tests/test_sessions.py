@@ -84,6 +84,16 @@ def test_thread_history_that_changes_is_re_encoded_not_reused_wrongly(pool):
         assert c.reused_tokens == 0 and c.memory.token_ids == _fresh_tokens(pool, changed)
 
 
+def test_a_conversation_diverging_mid_way_keeps_its_shared_messages_and_counts_them_honestly(pool):
+    with pool.conversation(CONV, thread_id="t"):
+        pass
+    changed = CONV[:2] + [{"role": "assistant", "content": "Blue."}, CONV[3]]
+    with pool.conversation(changed, thread_id="t") as c:
+        assert c.memory.messages == changed and c.memory.token_ids == _fresh_tokens(pool, changed)
+        # in RAM the shared messages are encoded again from their token ids: none counts as reused
+        assert c.reused_tokens == 0 and c.new_tokens == len(c.memory)
+
+
 def test_concurrent_threads_get_consistent_memories(pool):
     errors = []
 
