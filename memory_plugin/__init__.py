@@ -8,7 +8,7 @@ Example:
 """
 
 from .config import MemoryConfig
-from .memory import Answer, Checkpoint, ContextMemory, Entry, MemoryHit, MemoryStats, TurnStream
+from .memory import Answer, Checkpoint, ContextMemory, Entry, MemoryHit, MemoryStats, Segment, TurnStream
 from .loading import ModelNotFoundError, UnsupportedModelError, load_model
 from .pool import MemoryPool, Retention, ThreadInfo
 from .sessions import Conversation, ConversationPool
@@ -26,6 +26,7 @@ __all__ = [
     "MemoryStats",
     "TurnStream",
     "Retention",
+    "Segment",
     "ThreadInfo",
     "ModelNotFoundError",
     "UnsupportedModelError",

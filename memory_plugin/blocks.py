@@ -290,6 +290,12 @@ class BlockStore:
         self.disk = None
         self.ram.clean.clear()
 
+    def tier(self, b: int) -> str:
+        """Where block ``b`` is: ``ram`` (KV in RAM), ``disk`` (KV only on disk), ``cold`` (memory vectors)."""
+        if self.is_cold(b):
+            return "cold"
+        return "ram" if self.layers[0].kv[b] is not None else "disk"
+
     def tiers(self) -> dict[str, int]:
         """Blocks per tier: ``ram`` (KV in RAM), ``disk`` (KV only on disk), ``cold`` (memory vectors)."""
         n = len(self)

@@ -29,7 +29,7 @@ from .engine import Engine
 from .history import Entry  # noqa: F401  (re-exported: memory_plugin.Entry)
 from .loading import DEFAULT_MODEL_NAME, load_model, resolve
 from .persistence import INDEX  # noqa: F401
-from .recall import EXPLAIN_K, RECENT_TOKENS, SEARCH_MODES, Answer, MemoryHit  # noqa: F401
+from .recall import EXPLAIN_K, RECENT_TOKENS, SEARCH_MODES, Answer, MemoryHit, Segment  # noqa: F401
 from .turns import PLACED_HEADER, TurnStream  # noqa: F401
 from .vectors import MemoryVectors
 
@@ -151,24 +151,42 @@ class ContextMemory:
             >>> mem.forget(where=lambda e: "password" in e.content)  # doctest: +SKIP
             1
         """
+        with self._lock:
+            drop = self._dropped("forget", indices, where)
+            if drop:
+                self._engine.forget(drop, _p.snapshot_base(self._engine, min(drop)))
+            return len(drop)
+
+    def forget_cost(self, indices: Sequence[int] | None = None, *, where=None) -> int:
+        """The tokens :meth:`forget` with the same arguments would encode again, for a confirmation
+        before it: the kept entries after where it restarts (an open memory's last snapshot when
+        that covers only entries before the first removed one, else the start: every kept entry);
+        changes nothing. 0 when nothing matches."""
+        with self._lock:
+            drop = self._dropped("forget_cost", indices, where)
+            if not drop:
+                return 0
+            history = self._engine.history
+            first = _p.snapshot_entries(self._engine, min(drop))
+            return sum(e.end - e.start for i, e in enumerate(history) if i >= first and i not in drop)
+
+    def _dropped(self, name: str, indices, where) -> set[int]:
+        """The entry positions ``indices`` and ``where`` name (checked; the caller holds the lock)."""
         if indices is None and where is None:
-            raise ValueError("forget() needs indices= or where=")
+            raise ValueError(f"{name}() needs indices= or where=")
         if where is not None and not callable(where):
             raise TypeError(f"where must be a callable taking an Entry, got {type(where).__name__}")
         if indices is not None and (isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence)):
             raise TypeError(f"indices must be a list of entry positions, got {type(indices).__name__}")
-        with self._lock:
-            history = self._engine.history
-            drop = set()
-            for i in indices or []:
-                if isinstance(i, bool) or not isinstance(i, int) or not -len(history) <= i < len(history):
-                    raise IndexError(f"indices: {i!r} is not an entry position (the memory has {len(history)} entries)")
-                drop.add(i % len(history))
-            if where is not None:
-                drop |= {i for i, e in enumerate(history) if where(e)}
-            if drop:
-                self._engine.forget(drop, _p.snapshot_base(self._engine, min(drop)))
-            return len(drop)
+        history = self._engine.history
+        drop = set()
+        for i in indices or []:
+            if isinstance(i, bool) or not isinstance(i, int) or not -len(history) <= i < len(history):
+                raise IndexError(f"indices: {i!r} is not an entry position (the memory has {len(history)} entries)")
+            drop.add(i % len(history))
+        if where is not None:
+            drop |= {i for i, e in enumerate(history) if where(e)}
+        return drop
 
     def crop(self, n_entries: int) -> int:
         """Keep the first ``n_entries`` entries and drop the rest, as :meth:`forget` does (a
@@ -459,6 +477,13 @@ class ContextMemory:
     @property
     def token_ids(self) -> list[int]:
         return list(self._engine.ctx.tokens)
+
+    def segments(self) -> list[Segment]:
+        """The history along its tokens as the memory holds it: init, each block (with its tier),
+        the window in ``block_size`` pieces (see :class:`Segment`); where blocks begin, for a
+        timeline. An answer's :attr:`Answer.timeline` is the same with attention shares."""
+        with self._lock:
+            return _recall.segments(self._engine)
 
     def stats(self) -> MemoryStats:
         ctx = self._engine.ctx

@@ -506,13 +506,21 @@ def open_into(engine, directory: Path, lock: DirLock, manifest: Manifest | None,
         durable.snapshot(engine.ctx, engine.history)
 
 
+def snapshot_entries(engine, first_dropped: int) -> int:
+    """For a forget: how many entries the open directory's snapshot covers when it covers only
+    entries before ``first_dropped`` (a forget restores it and re-encodes the rest), else 0."""
+    durable = engine.durable
+    m = durable.manifest if durable is not None else None
+    return m.n_entries if m is not None and 0 < m.n_entries <= first_dropped else 0
+
+
 def snapshot_base(engine, first_dropped: int):
     """For a forget: the open directory's snapshot as ``(context, entries)`` when it covers only
     entries before ``first_dropped`` (then only the log after it is re-encoded), else None."""
-    durable = engine.durable
-    m = durable.manifest if durable is not None else None
-    if m is None or not 0 < m.n_entries <= first_dropped:
+    if not snapshot_entries(engine, first_dropped):
         return None
+    durable = engine.durable
+    m = durable.manifest
     ctx = engine.forward.new_context(engine.config, spill_dir=durable.dir)
     entries, _ = restore(ctx, durable.dir, m, verify=False)
     return ctx, entries

@@ -47,6 +47,7 @@ class ThreadInfo:
     open: bool  # held open (in RAM) by the pool now
     tokens: int | None = None  # known while open
     entries: int | None = None
+    blocks: dict[str, int] | None = None  # known while open: blocks per tier ("ram", "disk", "cold")
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class MemoryPool:
                 active = (d / LOCK).stat().st_mtime
             except FileNotFoundError:
                 continue
-            n = (len(mem), len(mem.entries)) if mem is not None else (None, None)
+            n = (len(mem), len(mem.entries), _tiers(mem)) if mem is not None else (None, None, None)
             out.append(ThreadInfo(tenant, thread, size, active, mem is not None, *n))
         return sorted(out, key=lambda t: -t.last_active)
 
@@ -286,6 +287,15 @@ class MemoryPool:
             return False
         lock.release()
         return self.delete(tenant, thread)
+
+
+def _tiers(mem: ContextMemory) -> dict[str, int] | None:
+    """Blocks per tier of an open memory, read without its lock (a listing must not wait for a
+    turn): None when a turn changed the blocks meanwhile."""
+    try:
+        return mem.stats().blocks_by_tier
+    except (IndexError, KeyError, RuntimeError):
+        return None
 
 
 def _dirname(name: str, what: str) -> str:

@@ -1,5 +1,6 @@
 """Finding passages of a memory's history: hybrid search (:func:`search`), what recall places
-before a question (:func:`place`), and what an answer attended (:func:`attended`).
+before a question (:func:`place`), what an answer attended (:func:`attended`), and how the history
+is held along its tokens with the share of an answer's attention each stretch got (:func:`segments`).
 
 Each works on an :class:`~memory_plugin.engine.Engine` (its context, history and lexical index) and
 leaves it unchanged; the ranking maths is :mod:`~memory_plugin.retrieval`, the index
@@ -8,7 +9,7 @@ leaves it unchanged; the ranking maths is :mod:`~memory_plugin.retrieval`, the i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -46,14 +47,38 @@ class MemoryHit:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """A stretch ``[start, end)`` of the history's tokens as the memory holds it (the timeline a
+    viewer draws, :meth:`ContextMemory.segments`). ``kind``: ``"init"`` (the first tokens, always
+    attended: the attention sinks), ``"block"`` (evicted from the window into block ``block``, held
+    in ``tier`` ``"ram"``, ``"disk"`` or ``"cold"``), ``"dropped"`` (evicted with ``topk=0``: not
+    kept), ``"window"`` (the recent tokens every query attends, in ``block_size`` pieces aligned
+    with the blocks they will become). ``attention``: in :attr:`Answer.timeline`, the share of the
+    answer's attention that went to these tokens (all layers, heads and answer tokens; a placed copy
+    of a passage counts for its original)."""
+
+    kind: str
+    start: int
+    end: int
+    block: int | None = None
+    tier: str | None = None
+    attention: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Answer:
     """An answer with what it came from (``generate(..., explain=True)``): the passages the
-    model attended most while writing it (``attended``, score = share of its attention) and the
-    passages placed before the question (``placed``, see ``MemoryConfig.recall_k``)."""
+    model attended most while writing it (``attended``, score = share of its attention), the
+    passages placed before the question (``placed``, see ``MemoryConfig.recall_k``), and the
+    history's :class:`Segment` s with the share of attention each got (``timeline``)."""
 
     text: str
     attended: list[MemoryHit]
     placed: list[MemoryHit]
+    timeline: list[Segment] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.text
@@ -114,6 +139,43 @@ def attended(engine, trace: torch.Tensor, n_history: int, steps: int, placed, pl
             scores[h.start, h.end][0] += float(trace[n_history + a : n_history + b].sum())
     scored = sorted(scores.values(), key=lambda x: -x[0])
     return [_hit(engine, p, s / total, ("attended",)) for s, p in scored[:EXPLAIN_K] if s > 0]
+
+
+def segments(engine, n_history: int | None = None) -> list[Segment]:
+    """The history's first ``n_history`` tokens (default: all) as :class:`Segment` s, in order."""
+    ctx, cfg = engine.ctx, engine.config
+    n = len(engine) if n_history is None else n_history
+    bs, init = cfg.block_size, min(ctx.layout.init_len, n)
+    out = [Segment("init", 0, init)] if init else []
+    w0, w1 = ctx.window_range
+    w0, w1 = max(min(w0, n), init), min(w1, n)
+    at = init
+    for b in range(len(ctx.store)):
+        a, e = ctx.block_span(b)
+        if a >= w0:
+            break
+        out.append(Segment("block", a, min(e, w0), b, ctx.store.tier(b)))
+        at = min(e, w0)
+    if at < w0:
+        out.append(Segment("dropped", at, w0))
+    a = w0
+    while a < w1:  # pieces end where blocks will: n_init + k * block_size
+        e = min(w1, cfg.n_init + ((a - cfg.n_init) // bs + 1) * bs if a >= cfg.n_init else cfg.n_init)
+        out.append(Segment("window", a, e))
+        a = e
+    return out
+
+
+def timeline(engine, held: list[Segment], trace: torch.Tensor, n_history: int, steps: int, placed, placed_at) -> list[Segment]:
+    """``held`` (:func:`segments` of the history before a turn) each with its share of the turn's
+    traced attention (see :func:`attended` for ``trace``, ``placed`` and ``placed_at``)."""
+    mass = trace[:n_history].clone()
+    for h, (a, b) in zip(placed, placed_at):  # a placed copy counts for its original, spread evenly
+        if b > a and h.end > h.start:
+            mass[h.start : h.end] += float(trace[n_history + a : n_history + b].sum()) / (h.end - h.start)
+    total = steps * len(engine.ctx.layers) * engine.ctx.g.n_heads
+    cum = torch.cat([torch.zeros(1), mass.double().cumsum(0)])
+    return [replace(s, attention=float(cum[s.end] - cum[s.start]) / total) for s in held]
 
 
 @torch.inference_mode()

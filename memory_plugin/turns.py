@@ -37,6 +37,7 @@ class Turn:
     placed: list[MemoryHit] = field(default_factory=list)  # placed before the prompt (recall)
     placed_at: list[tuple[int, int]] = field(default_factory=list)  # their spans in the turn's input, (0, 0) if not found
     explanation: Answer | None = None
+    held: list = field(default_factory=list)  # the history's segments before the turn (explain)
 
 
 class TurnStream(Iterator[str]):
@@ -117,6 +118,7 @@ def _run(engine, turn: Turn, max_new_tokens: int, stop: list[str], remember: boo
         try:
             ids = _input_ids(engine, turn, k)
             if explain:  # trace the answer's tokens: the last input token predicts the first one
+                turn.held = recall.segments(engine)
                 trace = torch.zeros(n_history + len(ids) + max_new_tokens + 1)
                 if len(ids) > 1:
                     engine.encode(ids[:-1], atomic=False, logits="none")
@@ -161,7 +163,8 @@ def _run(engine, turn: Turn, max_new_tokens: int, stop: list[str], remember: boo
 
 def _explain(engine, turn: Turn, trace: torch.Tensor, n_history: int, traced: int) -> None:
     spans = recall.attended(engine, trace, n_history, traced, turn.placed, turn.placed_at)
-    turn.explanation = Answer(turn.answer, spans, turn.placed)
+    strip = recall.timeline(engine, turn.held, trace, n_history, traced, turn.placed, turn.placed_at)
+    turn.explanation = Answer(turn.answer, spans, turn.placed, strip)
 
 
 def _input_ids(engine, turn: Turn, k: int) -> list[int]:

@@ -199,3 +199,23 @@ def test_a_forgotten_fact_is_no_longer_answered_and_others_still_are(real_model)
     mem.forget(where=lambda e: "4721" in e.content)
     assert "4721" not in ask("\nThe locker code of Ada is")
     assert "9138" in ask("\nThe badge number of Bruno is")
+
+
+@pytest.mark.parametrize("snapshot_every", [64, 10**9])
+def test_forget_cost_is_what_the_forget_encodes_again_and_changes_nothing(tmp_path, tiny_model, tiny_tokenizer, snapshot_every):
+    mem = ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG, snapshot_every=snapshot_every)
+    for i in range(10):
+        mem.add_message("user", f"message {i} is about locker {i} and code {100 + i}.")
+    for n in (7, 3):
+        before = (mem.token_ids, mem.messages)
+        cost = mem.forget_cost(list(range(n, len(mem.entries))))
+        assert (mem.token_ids, mem.messages) == before
+        assert cost == mem.crop(n) > 0  # crop(n) forgets the same entries and returns the tokens encoded again
+    assert mem.forget_cost(where=lambda e: "nothing like this" in e.content) == 0
+    with pytest.raises(IndexError, match="not an entry position"):
+        mem.forget_cost([99])
+    mem.close()
+    ram = ContextMemory(tiny_model, tiny_tokenizer, testing.TINY_CONFIG)
+    ram.add_messages([{"role": "user", "content": f"note {i}"} for i in range(4)])
+    kept = [e for i, e in enumerate(ram.entries) if i != 2]
+    assert ram.forget_cost([2]) == sum(e.end - e.start for e in kept)  # in RAM every kept entry is encoded again

@@ -313,3 +313,20 @@ def test_real_model_explained_answer_points_at_the_fact_it_used(real_model):
     assert "58213" in placed.text
     # The answer read the fact from its placed copy: that counts for the fact's span in the history.
     assert any("58213" in h.text and h.start == placed.placed[0].start for h in placed.attended)
+
+
+def test_segments_tile_the_history_and_an_explained_answer_shares_its_attention_along_them(tiny_memory):
+    for i in range(12):
+        tiny_memory.add_message("user" if i % 2 == 0 else "assistant", f"message {i}: locker {i} has code {1000 + 7 * i}.")
+    segs = tiny_memory.segments()
+    assert segs[0].kind == "init" and segs[0].start == 0 and segs[-1].end == len(tiny_memory)
+    assert all(a.end == b.start for a, b in zip(segs, segs[1:]))  # contiguous, in order
+    blocks = [s for s in segs if s.kind == "block"]
+    assert blocks and [s.block for s in blocks] == list(range(len(blocks))) and {s.tier for s in blocks} == {"ram"}
+    assert len(blocks) == tiny_memory.stats().blocks and all(s.end - s.start <= tiny_memory.config.block_size for s in segs)
+    n = len(tiny_memory)
+    answer = tiny_memory.generate("What code has locker 3?", max_new_tokens=4, explain=True)
+    assert len(tiny_memory) == n  # not stored
+    assert [(s.kind, s.start, s.end, s.tier) for s in answer.timeline] == [(s.kind, s.start, s.end, s.tier) for s in segs]
+    shares = [s.attention for s in answer.timeline]
+    assert all(x >= 0 for x in shares) and 0 < sum(shares) <= 1 + 1e-6
