@@ -11,7 +11,13 @@ Endpoints (all under ``/v1``, each answering for the caller's tenant only):
   ``previous_response_id`` (or a ``conversation`` id, which is the thread's id); the thread holds
   the rest, including the replies.
 * ``GET /threads``, ``GET /threads/{id}``, ``GET /threads/{id}/messages``,
-  ``POST /threads/{id}/search``, ``POST /threads/{id}/forget``, ``DELETE /threads/{id}``.
+  ``GET /threads/{id}/timeline`` (where blocks begin, their tiers), ``POST /threads/{id}/search``,
+  ``POST /threads/{id}/ask`` (an answer from the thread that is not stored, with the spans it
+  attended, the passages placed and the attention per segment), ``POST /threads/{id}/forget/preview``
+  (what a forget removes and re-encodes; nothing changes), ``POST /threads/{id}/forget``,
+  ``DELETE /threads/{id}`` (shared with the inspector: :mod:`.threads`).
+
+The memory inspector (:mod:`.inspector`) is a page under ``/inspector`` over the same operations.
 
 Model work runs on worker threads (:func:`memory_plugin.bridge.iterate_in_thread`), at most
 ``max_concurrency`` turns at once; the pool serialises one thread's turns. A client that goes away
@@ -45,6 +51,8 @@ from ..pool import MAX_ID_CHARS
 from ..sampling import SamplingOptions
 from ..tools import InvalidToolCall, ToolCall
 from . import schemas as s
+from . import threads as ops
+from .inspector import add_inspector
 from .store import ResponseStore, StoredResponse, digest
 from .tenants import tenant_of
 from .turns import (
@@ -127,6 +135,7 @@ def create_app(
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     _errors(app)
     _routes(app, server)
+    add_inspector(app, server)
     return app
 
 
@@ -139,6 +148,7 @@ class _Server:
         self.store = ResponseStore(pool.root)
         self.slots = asyncio.Semaphore(max_concurrency)
         self.running: Counter[str] = Counter()  # turns in progress per "tenant/thread" (tests, stats)
+        self.last_answers: dict[tuple[str, str], s.AskResult] = {}  # (tenant, thread): the last ask, oldest first
 
     def tenant(self, authorization: str | None = Header(default=None)) -> str:
         tenant = tenant_of(authorization, self.keys)
@@ -151,7 +161,18 @@ class _Server:
             raise APIError(404, f"model {model!r} does not exist; this server has {self.model_name!r}", "model", "model_not_found")
 
     def exists(self, tenant: str, thread: str) -> bool:
-        return any(t.thread == thread for t in self.pool.threads(tenant))
+        return ops.exists(self.pool, tenant, thread)
+
+    async def ask(self, tenant: str, thread: str, req: s.AskRequest) -> s.AskResult:
+        """A question answered from the thread and not stored; it takes a turn slot like any turn.
+        The answer is kept as the thread's last explained one (the inspector draws it)."""
+        async with self.slots:
+            result = await run_in_threadpool(ops.ask, self.pool, tenant, thread, req, self.limit)
+        self.last_answers.pop((tenant, thread), None)
+        self.last_answers[tenant, thread] = result
+        while len(self.last_answers) > 256:
+            self.last_answers.pop(next(iter(self.last_answers)))
+        return result
 
     async def events(self, plan: TurnPlan) -> AsyncIterator[tuple[str, Any]]:
         """The turn's events; waits for a free slot first. Closing this (a client gone) stops the
@@ -282,79 +303,39 @@ def _routes(app: FastAPI, server: _Server) -> None:
     # ------------------------------------------------------------------------------------ memory
     @app.get("/v1/threads", response_model=s.ThreadList)
     async def list_threads(tenant: str = Depends(server.tenant)):
-        infos = await run_in_threadpool(pool.threads, tenant)
-        return s.ThreadList(data=[_thread_out(i) for i in infos])
-
-    async def _existing(tenant: str, thread: str) -> str:
-        if not (0 < len(thread) <= MAX_ID_CHARS) or not await run_in_threadpool(server.exists, tenant, thread):
-            raise APIError(404, f"thread {thread!r} not found", "thread_id", "thread_not_found")
-        return thread
+        return await run_in_threadpool(ops.list_threads, pool, tenant)
 
     @app.get("/v1/threads/{thread_id}", response_model=s.ThreadOut)
     async def get_thread(thread_id: str, tenant: str = Depends(server.tenant)):
-        await _existing(tenant, thread_id)
-
-        def stats():
-            with pool.thread(tenant, thread_id):  # opened: its tokens and entries are known
-                pass
-            return next(i for i in pool.threads(tenant) if i.thread == thread_id)
-
-        return _thread_out(await run_in_threadpool(stats))
+        return await run_in_threadpool(ops.stats, pool, tenant, thread_id)
 
     @app.get("/v1/threads/{thread_id}/messages", response_model=s.ThreadMessages)
     async def thread_messages(thread_id: str, tenant: str = Depends(server.tenant)):
-        await _existing(tenant, thread_id)
+        return await run_in_threadpool(ops.messages, pool, tenant, thread_id)
 
-        def read():
-            with pool.thread(tenant, thread_id) as mem:
-                return mem.messages
-
-        msgs = await run_in_threadpool(read)
-        return s.ThreadMessages(thread=thread_id, data=[s.MessageOut(**m) for m in msgs])
+    @app.get("/v1/threads/{thread_id}/timeline", response_model=s.Timeline)
+    async def thread_timeline(thread_id: str, tenant: str = Depends(server.tenant)):
+        return await run_in_threadpool(ops.timeline, pool, tenant, thread_id)
 
     @app.post("/v1/threads/{thread_id}/search", response_model=s.SearchResult)
     async def search(thread_id: str, req: s.SearchRequest, tenant: str = Depends(server.tenant)):
-        await _existing(tenant, thread_id)
+        return await run_in_threadpool(ops.search, pool, tenant, thread_id, req)
 
-        def find():
-            with pool.thread(tenant, thread_id) as mem:
-                return mem.retrieve(req.query, k=req.k, mode=req.mode)
+    @app.post("/v1/threads/{thread_id}/ask", response_model=s.AskResult)
+    async def ask(thread_id: str, req: s.AskRequest, tenant: str = Depends(server.tenant)):
+        return await server.ask(tenant, thread_id, req)
 
-        try:
-            hits = await run_in_threadpool(find)
-        except (TypeError, ValueError) as e:
-            raise APIError(400, str(e), "query") from None
-        return s.SearchResult(thread=thread_id, data=[s.SearchHit(**h.to_dict()) for h in hits])
+    @app.post("/v1/threads/{thread_id}/forget/preview", response_model=s.ForgetPreview)
+    async def forget_preview(thread_id: str, req: s.ForgetRequest, tenant: str = Depends(server.tenant)):
+        return await run_in_threadpool(ops.forget_preview, pool, tenant, thread_id, req)
 
     @app.post("/v1/threads/{thread_id}/forget", response_model=s.ForgetResult)
     async def forget(thread_id: str, req: s.ForgetRequest, tenant: str = Depends(server.tenant)):
-        if (req.indices is None) == (req.contains is None):
-            raise APIError(400, "give exactly one of indices and contains", "indices")
-        await _existing(tenant, thread_id)
-        where = None if req.contains is None else (lambda e, text=req.contains: text in e.content)
-        try:
-            n = await run_in_threadpool(pool.forget, tenant, thread_id, req.indices, where=where)
-        except (TypeError, ValueError, IndexError) as e:
-            raise APIError(400, str(e), "indices") from None
-        return s.ForgetResult(thread=thread_id, forgotten=n)
+        return await run_in_threadpool(ops.forget, pool, tenant, thread_id, req)
 
     @app.delete("/v1/threads/{thread_id}", response_model=s.Deleted)
     async def delete_thread(thread_id: str, tenant: str = Depends(server.tenant)):
-        await _existing(tenant, thread_id)
-        await run_in_threadpool(pool.delete, tenant, thread_id)
-        server.store.drop_thread(tenant, thread_id)
-        return s.Deleted(id=thread_id)
-
-
-def _thread_out(info) -> s.ThreadOut:
-    return s.ThreadOut(
-        id=info.thread,
-        disk_bytes=info.disk_bytes,
-        last_active=info.last_active,
-        open=info.open,
-        tokens=info.tokens,
-        entries=info.entries,
-    )
+        return await run_in_threadpool(ops.delete, pool, server.store, tenant, thread_id)
 
 
 def _continued_thread(pool, tenant: str, messages: list[dict]) -> str | None:
@@ -536,32 +517,12 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = _param(first.get("loc", ())) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-        return JSONResponse(APIError(400, message, param).body(), status_code=400)
+        return JSONResponse(ops.invalid_request(exc.errors()).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
-
-
-def _param(loc) -> str:
-    """The request field a pydantic error location names: ``("body", "messages", 0, "role")`` is
-    ``messages.0.role``; the tags pydantic adds for a union's branches (``str``, ``list[str]``,
-    ``NamedToolChoice``, ``literal['none',...]``) are not fields and are left out."""
-    parts = []
-    for p in loc:
-        if p == "body" and not parts:
-            continue
-        if isinstance(p, str) and (p in _TYPE_TAGS or not p[:1].islower() or any(c in p for c in "[]'(-")):
-            continue
-        parts.append(str(p))
-    return ".".join(parts)
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 class _TooLarge(HTTPException):

@@ -334,6 +334,7 @@ class ThreadOut(BaseModel):
     open: bool
     tokens: int | None = None
     entries: int | None = None
+    blocks: dict[str, int] | None = None  # per tier: "ram", "disk", "cold" (known while open)
 
 
 class ThreadList(BaseModel):
@@ -344,6 +345,8 @@ class ThreadList(BaseModel):
 class MessageOut(BaseModel):
     role: str | None
     content: str
+    start: int | None = None  # its token span [start, end) in the thread's history
+    end: int | None = None
 
 
 class ThreadMessages(BaseModel):
@@ -391,3 +394,69 @@ class Deleted(BaseModel):
     id: str
     object: Literal["thread.deleted"] = "thread.deleted"
     deleted: bool = True
+
+
+class ForgetPreview(BaseModel):
+    """What a forget would do (``POST /v1/threads/{id}/forget/preview``; nothing changes): the
+    entries it removes and their tokens, the kept tokens after the first of them, and the tokens
+    it encodes again (those, plus the ones between the thread's last snapshot and the first removed
+    entry: :meth:`memory_plugin.ContextMemory.forget_cost`)."""
+
+    thread: str
+    indices: list[int]
+    entries: list[MessageOut]
+    tokens: int
+    tokens_after: int
+    reencode_tokens: int
+
+
+class SegmentOut(BaseModel):
+    """A stretch of a thread's history (:class:`memory_plugin.Segment`): ``kind`` init / block /
+    dropped / window, the block's number and tier, and in an answer the share of its attention."""
+
+    kind: Literal["init", "block", "dropped", "window"]
+    start: int
+    end: int
+    block: int | None = None
+    tier: Literal["ram", "disk", "cold"] | None = None
+    attention: float | None = None
+
+
+class EntrySpan(BaseModel):
+    index: int
+    role: str | None
+    start: int
+    end: int
+
+
+class Timeline(BaseModel):
+    """``GET /v1/threads/{id}/timeline``: where the blocks begin, their tiers, and the entries' spans."""
+
+    object: Literal["thread.timeline"] = "thread.timeline"
+    thread: str
+    tokens: int
+    segments: list[SegmentOut]
+    entries: list[EntrySpan]
+
+
+class AskRequest(_Request):
+    """``POST /v1/threads/{id}/ask``: a question answered from the thread, not stored."""
+
+    question: str = Field(min_length=1, max_length=8000)
+    max_tokens: int = Field(default=64, ge=1)
+    recall: int | None = Field(default=None, ge=0, le=16)  # passages placed before it (default: the config's)
+
+
+class AskResult(BaseModel):
+    """The answer with what it came from: the spans it attended most (score: share of its
+    attention), the passages placed before the question, and every segment's share (the strip)."""
+
+    object: Literal["thread.answer"] = "thread.answer"
+    thread: str
+    question: str
+    answer: str
+    stored: bool = False
+    tokens: int  # the thread's history, unchanged
+    attended: list[SearchHit]
+    placed: list[SearchHit]
+    timeline: list[SegmentOut]
