@@ -187,11 +187,22 @@ class ColdTier:
             self.decode_mismatches += 1  # the KV still comes from the true tokens (kept in the log)
         self.rehydrations += 1
         actual, target = self._targets(n, k)
-        return [torch.stack((self._unrotate(kk[:, k:], actual, target), vv[:, k:])) for kk, vv in layers]
+        return self._memory_kv(layers, k, actual, target)
 
     def _gist(self, vectors: torch.Tensor) -> list[torch.Tensor]:
         """KV of the vectors themselves, per layer, placed like the first tokens of a block."""
         vecs = vectors.to(self.engine.model.device, self.engine.forward.dtype)
         _, layers = self._forward_kv(vecs)
         actual, target = self._targets(vecs.shape[0], 0)
-        return [torch.stack((self._unrotate(kk, actual, target), vv)) for kk, vv in layers]
+        return self._memory_kv(layers, 0, actual, target)
+
+    def _memory_kv(self, layers: list, start: int, actual: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+        """Block KV per memory layer from transformers' per-layer cache: sliding-window layers hold
+        no memory; keys of layers without RoPE (SmolLM3) were never rotated."""
+        g = self.engine.ctx.g
+        rotary = g.rotary or (True,) * g.n_layers
+        out = []
+        for i in g.memory_layers:
+            kk, vv = layers[i][0][:, start:], layers[i][1][:, start:]
+            out.append(torch.stack((self._unrotate(kk, actual, target) if rotary[i] else kk, vv)))
+        return out

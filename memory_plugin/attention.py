@@ -70,7 +70,12 @@ _FLASH_MIN_QUERIES = 16  # below this the explicit path is as fast and avoids pe
 
 
 def joint_attention(
-    parts: list[AttnPart], scaling: float, mass_rows: torch.Tensor | None = None, *, trace: bool = False
+    parts: list[AttnPart],
+    scaling: float,
+    mass_rows: torch.Tensor | None = None,
+    *,
+    trace: bool = False,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]] | tuple[torch.Tensor, list, list[torch.Tensor]]:
     """Softmax attention over the union of ``parts``, as one softmax over their concatenated logits.
 
@@ -80,17 +85,19 @@ def joint_attention(
     ``mass_rows`` (all rows when None) -> ``[H, N]``; None for the other parts. Every query must see
     at least one key. GQA is native: keys are never repeated. ``trace=True`` adds a third list: for
     every part, the probability its keys received summed over all heads and queries, ``[N]``
-    (what the answer attended, for ``explain``).
+    (what the answer attended, for ``explain``). ``softcap``: logits become ``softcap *
+    tanh(logits / softcap)`` before the softmax (Gemma 2/3; the fused kernel cannot, so the
+    explicit path runs).
     """
     h, c, d = parts[0].q.shape
-    if _FLASH_CPU is not None and c >= _FLASH_MIN_QUERIES and parts[0].q.device.type == "cpu":
+    if softcap is None and _FLASH_CPU is not None and c >= _FLASH_MIN_QUERIES and parts[0].q.device.type == "cpu":
         out, masses, probs = _flash_joint(parts, scaling, mass_rows, trace)
     else:
-        out, masses, probs = _explicit_joint(parts, scaling, mass_rows, trace)
+        out, masses, probs = _explicit_joint(parts, scaling, mass_rows, trace, softcap)
     return (out, masses, probs) if trace else (out, masses)
 
 
-def _explicit_joint(parts, scaling, mass_rows, trace=False):
+def _explicit_joint(parts, scaling, mass_rows, trace=False, softcap=None):
     """Logits materialised: the decode path (c small) and the path off CPU."""
     h, c, d = parts[0].q.shape
     hkv = parts[0].k.shape[0]
@@ -100,6 +107,8 @@ def _explicit_joint(parts, scaling, mass_rows, trace=False):
     for p in live:
         q = (p.q * scaling).reshape(hkv, g * c, d)  # scaling q is cheaper than scaling the logits
         lg = torch.matmul(q, p.k.transpose(-1, -2)).float()
+        if softcap is not None:
+            lg = lg.div_(softcap).tanh_().mul_(softcap)
         mask = p.visible()
         if mask is not None:
             lg.view(hkv, g, c, -1).masked_fill_(~mask, float("-inf"))

@@ -47,6 +47,17 @@ class Geometry:
     n_kv_heads: int
     head_dim: int
     scaling: float
+    windows: tuple[int | None, ...] = ()
+    """Per layer: its sliding window (keys a query sees, itself included), or None for a layer with
+    InfLLM memory. Empty: every layer has memory."""
+    rotary: tuple[bool, ...] = ()
+    """Per layer: whether it uses RoPE (SmolLM3 has layers without). Empty: every layer does."""
+    softcap: float | None = None
+    """Attention logit soft-cap (Gemma 2/3), None for none."""
+
+    @property
+    def memory_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if not self.windows or self.windows[i] is None]
 
 
 @dataclass
@@ -123,11 +134,25 @@ class _LayerState:
             setattr(self, name, snap[name].clone())
 
 
+class _WindowState:
+    """A sliding-window layer, as trained: the unrotated keys and values of the last ``window - 1``
+    tokens (no memory). Replaced, never written in place, so a checkpoint holds references."""
+
+    def __init__(self, g: Geometry, window: int, dtype, device):
+        self.window = window
+        self.k = torch.zeros(g.n_kv_heads, 0, g.head_dim, dtype=dtype, device=device)
+        self.v = self.k
+
+
 class Context:
     """The InfLLM memory of all layers, driven chunk by chunk by the forward pass.
 
     Usage per chunk: ``step = ctx.begin(c)``; for each layer ``out = ctx.attend(i, q, k, v, step)``;
     then ``ctx.commit(step, token_ids)``.
+
+    Layers with a sliding window (``geometry.windows``) attend within it at exact relative
+    positions and hold no memory; ``layers``, the block store and captured queries count the
+    memory layers only (``memory_layers[j]`` is the model layer of memory layer ``j``).
     """
 
     def __init__(
@@ -140,6 +165,7 @@ class Context:
         dtype: torch.dtype,
         device: torch.device,
         spill_dir=None,
+        window_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.g = geometry
         self.cfg = config
@@ -151,9 +177,26 @@ class Context:
         if rope_cos.shape[0] < need:
             raise ValueError(f"rotary tables cover {rope_cos.shape[0]} positions, the memory needs {need}")
         self.cos, self.sin = rope_cos.to(self.device), rope_sin.to(self.device)
+        self.memory_layers = geometry.memory_layers
+        self._memory_index: list[int | None] = [None] * geometry.n_layers
+        for j, i in enumerate(self.memory_layers):
+            self._memory_index[i] = j
+        identity = (torch.ones_like(self.cos), torch.zeros_like(self.sin))
+        rotary = geometry.rotary or (True,) * geometry.n_layers
+        self.rope = [(self.cos, self.sin) if rotary[i] else identity for i in self.memory_layers]
+        self.windows = {
+            i: _WindowState(geometry, w, dtype, self.device) for i, w in enumerate(geometry.windows) if w is not None
+        }
+        if self.windows:
+            wc, ws = window_rope if window_rope is not None else (rope_cos, rope_sin)
+            need_w = max(w.window for w in self.windows.values()) - 1 + config.chunk_size
+            if wc.shape[0] < need_w:
+                raise ValueError(f"sliding-window rotary tables cover {wc.shape[0]} positions, the windows need {need_w}")
+            wc, ws = wc.to(self.device), ws.to(self.device)
+            self.window_rope = {i: (wc, ws) if rotary[i] else (torch.ones_like(wc), torch.zeros_like(ws)) for i in self.windows}
         on_accelerator = self.device.type != "cpu"
         self.store = BlockStore(
-            geometry.n_layers,
+            len(self.memory_layers),
             geometry.n_heads,
             geometry.n_kv_heads,
             geometry.head_dim,
@@ -166,7 +209,7 @@ class Context:
             spill_dir=spill_dir,
             resident_budget=self._block_budget if config.max_resident_bytes is not None else None,
         )
-        self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in range(geometry.n_layers)]
+        self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in self.memory_layers]
         self._budget_fixed: int | None = None
         if config.max_resident_bytes is not None and self._block_budget() <= 0:
             raise ValueError(
@@ -195,10 +238,13 @@ class Context:
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         """Attention output ``[H, c, D]`` of layer ``i`` for queries ``q [H, c, D]``; their own keys and
         values ``k, v [Hkv, c, D]`` (unrotated) join the memory, then blocks are cut per ``step``."""
-        cfg, st, dev = self.cfg, self.layers[i], self.device
-        cos, sin = self.cos, self.sin
+        j = self._memory_index[i]
+        if j is None:
+            return self._attend_window(self.windows[i], self.window_rope[i], q, k, v)
+        cfg, st, dev = self.cfg, self.layers[j], self.device
+        cos, sin = self.rope[j]
         if step.shift:
-            self._compact(st, step.shift)
+            self._compact(st, step.shift, cos, sin)
         c, ni, ws, w0, we = step.c, step.n_to_init, step.ws, step.w0, step.we
         t = torch.arange(step.t0, step.t0 + c, device=dev)
         if ni:
@@ -246,13 +292,13 @@ class Context:
             # visible once a query is n_local past it
             parts.append(AttnPart(q_blk, kf, st.win_v[:, ws:hi], band=(None, step.t0 - cfg.n_local - step.base - ws)))
             where.append(torch.arange(step.base + ws, step.base + hi) if tracing else None)
-        if step.capture is not None or (cfg.topk and len(self.store.layers[i])):
+        if step.capture is not None or (cfg.topk and len(self.store.layers[j])):
             q_mean = q_far.mean(dim=1)
             if step.capture is not None:
                 step.capture.append(q_far)
-            ids = self.store.select(i, q_mean, cfg.topk, self.relevance) if cfg.topk else []
+            ids = self.store.select(j, q_mean, cfg.topk, self.relevance) if cfg.topk else []
             if ids:
-                bk, bv = self.store.fetch(i, ids)
+                bk, bv = self.store.fetch(j, ids)
                 parts.append(AttnPart(q_blk, bk, bv))
                 # cold blocks attended as gists (or dropped) have other key counts: not traced
                 whole = tracing and bk.shape[1] == len(ids) * cfg.block_size
@@ -260,9 +306,9 @@ class Context:
 
         rows = torch.nonzero(t % cfg.mass_stride == 0).flatten() if cfg.mass_stride > 1 else None
         if not tracing:
-            out, masses = joint_attention(parts, self.g.scaling, rows)
+            out, masses = joint_attention(parts, self.g.scaling, rows, softcap=self.g.softcap)
         else:
-            out, masses, traced = joint_attention(parts, self.g.scaling, rows, trace=True)
+            out, masses, traced = joint_attention(parts, self.g.scaling, rows, trace=True, softcap=self.g.softcap)
             for pos, m in zip(where, traced):
                 if pos is not None and len(pos):
                     step.trace.index_add_(0, pos.to(step.trace.device), m.cpu())
@@ -272,7 +318,21 @@ class Context:
             st.init_mass[:, :il] += masses[0]
         if local is not None:
             st.win_mass[:, lo:we] += masses[local]
-        self._cut_blocks(i, st, step)
+        self._cut_blocks(j, st, step, cos, sin)
+        return out
+
+    def _attend_window(self, st: _WindowState, rope, q, k, v) -> torch.Tensor:
+        """A sliding-window layer: each query sees the last ``window`` tokens (itself included) at
+        their exact relative positions, as transformers' sliding-window mask; positions count from
+        the oldest kept key, so the tables stay ``window - 1 + chunk_size`` long."""
+        cos, sin = rope
+        m = st.k.shape[1]
+        keys, values = torch.cat((st.k, k), dim=1), torch.cat((st.v, v), dim=1)
+        n = keys.shape[1]
+        part = AttnPart(apply_rope(q, cos[m:n], sin[m:n]), apply_rope(keys, cos[:n], sin[:n]), values, band=(m - st.window + 1, m))
+        out, _ = joint_attention([part], self.g.scaling, softcap=self.g.softcap)
+        keep = max(0, n - (st.window - 1))
+        st.k, st.v = keys[:, keep:], values[:, keep:]
         return out
 
     def commit(self, step: Step, token_ids: list[int]) -> None:
@@ -287,7 +347,7 @@ class Context:
         self.tokens.extend(token_ids)
 
     # ----------------------------------------------------------------------------- internals
-    def _compact(self, st: _LayerState, shift: int) -> None:
+    def _compact(self, st: _LayerState, shift: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Move the window to the front of its buffers: fresh ones while a checkpoint holds the
         current ones (a transaction), in place otherwise, so at most two sets ever exist."""
         lay = self.layout
@@ -304,16 +364,16 @@ class Context:
         if st.pinned:
             st.win_krot = torch.empty_like(st.win_k)
             st.pinned = False
-        st.win_krot[:, :n] = apply_rope(st.win_k[:, :n], self.cos[:n], self.sin[:n])
+        st.win_krot[:, :n] = apply_rope(st.win_k[:, :n], cos[:n], sin[:n])
 
-    def _cut_blocks(self, i: int, st: _LayerState, step: Step) -> None:
+    def _cut_blocks(self, i: int, st: _LayerState, step: Step, cos: torch.Tensor, sin: torch.Tensor) -> None:
         bs = self.cfg.block_size
         for b in range(step.new_blocks):
             a = step.ws + b * bs
             if self.cfg.topk:  # with retrieval off (StreamingLLM) evicted blocks are simply dropped
                 k = st.win_k[:, a : a + bs]
                 repr_key = representative_keys(k, st.win_mass[:, a : a + bs], self.cfg.repr_topk)
-                k = self.positions.rotate_keys(k, 0, bs, self.cos, self.sin)  # a block starts at offset 0
+                k = self.positions.rotate_keys(k, 0, bs, cos, sin)  # a block starts at offset 0
                 self.store.append(i, torch.stack((k, st.win_v[:, a : a + bs])), repr_key)
 
     # ----------------------------------------------------------------------------- state management
@@ -321,6 +381,7 @@ class Context:
         return {
             "layout": replace(self.layout),
             "layers": [st.snapshot() for st in self.layers],
+            "windows": {i: (w.k, w.v) for i, w in self.windows.items()},
             "n_blocks": len(self.store),
             "n_tokens": len(self.tokens),
         }
@@ -329,6 +390,8 @@ class Context:
         self.layout = replace(cp["layout"])
         for st, snap in zip(self.layers, cp["layers"]):
             st.restore(snap)
+        for i, (k, v) in cp["windows"].items():
+            self.windows[i].k, self.windows[i].v = k, v
         self.store.truncate(cp["n_blocks"])
         del self.tokens[cp["n_tokens"] :]
 
@@ -381,7 +444,8 @@ class Context:
 
     def _fixed_bytes(self) -> int:
         """Window and init buffers: allocated once, whatever the history length."""
-        return sum(t.numel() * t.element_size() for st in self.layers for t in vars(st).values() if torch.is_tensor(t))
+        states = [*self.layers, *self.windows.values()]
+        return sum(t.numel() * t.element_size() for st in states for t in vars(st).values() if torch.is_tensor(t))
 
     def _window_bytes(self) -> int:
         """The window buffers of every layer: a second set exists while a checkpoint holds the first."""
@@ -421,6 +485,8 @@ class Context:
             out[f"win_k.{i}"], out[f"win_v.{i}"] = st.win_k[:, s:e], st.win_v[:, s:e]
             out[f"win_mass.{i}"] = st.win_mass[:, s:e]
             out[f"q_sum.{i}"] = st.q_sum
+        for i, w in self.windows.items():  # sliding-window layers, by model layer
+            out[f"window_k.{i}"], out[f"window_v.{i}"] = w.k, w.v
         for b, cold in self.store.cold.items():  # the cold tier: memory vectors instead of KV
             out[f"cold.{b}"] = cold.vectors.tensor
         return out, vars(lay).copy()
@@ -433,12 +499,16 @@ class Context:
             st.init_k[:, :il] = tensors[f"init_k.{i}"]
             st.init_v[:, :il] = tensors[f"init_v.{i}"]
             st.init_mass[:, :il] = tensors[f"init_mass.{i}"]
-            st.init_krot[:, :il] = apply_rope(st.init_k[:, :il], self.cos[:il], self.sin[:il])
+            cos, sin = self.rope[i]
+            st.init_krot[:, :il] = apply_rope(st.init_k[:, :il], cos[:il], sin[:il])
             st.win_k[:, s:e] = tensors[f"win_k.{i}"]
             st.win_v[:, s:e] = tensors[f"win_v.{i}"]
             st.win_mass[:, s:e] = tensors[f"win_mass.{i}"]
-            st.win_krot[:, s:e] = apply_rope(st.win_k[:, s:e], self.cos[s:e], self.sin[s:e])
+            st.win_krot[:, s:e] = apply_rope(st.win_k[:, s:e], cos[s:e], sin[s:e])
             st.q_sum[:] = tensors.get(f"q_sum.{i}", 0)
+        for i, w in self.windows.items():
+            w.k = tensors[f"window_k.{i}"].to(self.device, self.dtype)
+            w.v = tensors[f"window_v.{i}"].to(self.device, self.dtype)
         self.layout = lay
         for name, t in tensors.items():
             if name.startswith("cold."):

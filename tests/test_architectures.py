@@ -1,0 +1,205 @@
+"""Every supported family (memory_plugin.architectures) on a tiny random config built with
+transformers' own config class: logits and greedy continuation equal to transformers' forward while
+the history fits init + window (RoPE scaling included, at positions past the original context), the
+memory path beyond the window, and a save/load round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memory_plugin import ContextMemory, MemoryConfig, UnsupportedModelError, testing
+from memory_plugin.architectures import ARCHITECTURES, describe
+from memory_plugin.model import MemoryForward
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+#: Histories up to n_init + n_local = 200 tokens equal full attention.
+EXACT = MemoryConfig(block_size=8, n_init=16, n_local=184, topk=2, repr_topk=2, chunk_size=32, max_cached_blocks=4)
+ORIGINAL_CONTEXT = 32  # the RoPE-scaled families' "original" context: the tests run past it
+
+
+def _build(config_cls, model_cls, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=len(_tok()), max_position_embeddings=4096, **{**SMALL, "num_hidden_layers": 2, **kw})
+    cfg._attn_implementation = "eager"
+    return model_cls(cfg).eval().requires_grad_(False)
+
+
+def qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _build(Qwen3Config, Qwen3ForCausalLM)
+
+
+def llama3():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=ORIGINAL_CONTEXT,
+    )  # fmt: skip
+    return _build(LlamaConfig, LlamaForCausalLM, rope_parameters=rope)
+
+
+def granite():
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    return _build(
+        GraniteConfig, GraniteForCausalLM, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.015625, logits_scaling=8.0,
+    )  # fmt: skip
+
+
+def olmo2():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    return _build(Olmo2Config, Olmo2ForCausalLM)
+
+
+def phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    half = SMALL["head_dim"] // 2
+    rope = dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + 0.1 * i for i in range(half)],
+        long_factor=[1.0 + 2.0 * i for i in range(half)], original_max_position_embeddings=ORIGINAL_CONTEXT,
+    )  # fmt: skip
+    return _build(Phi3Config, Phi3ForCausalLM, rope_parameters=rope, pad_token_id=0)
+
+
+def qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return _build(
+        Qwen3MoeConfig, Qwen3MoeForCausalLM, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        decoder_sparse_step=1, mlp_only_layers=[1],
+    )  # fmt: skip
+
+
+def smollm3():
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    return _build(SmolLM3Config, SmolLM3ForCausalLM, num_hidden_layers=3, no_rope_layers=[1, 0, 1], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+FAMILIES = {
+    "qwen3": qwen3, "llama3": llama3, "granite": granite, "olmo2": olmo2, "phi3": phi3, "qwen3_moe": qwen3_moe,
+    "smollm3": smollm3,
+}  # fmt: skip
+
+_TOK = []
+
+
+def _tok():
+    if not _TOK:
+        _TOK.append(testing.tiny_tokenizer())
+    return _TOK[0]
+
+
+_MODELS: dict = {}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def model(request):
+    if request.param not in _MODELS:
+        _MODELS[request.param] = FAMILIES[request.param]()
+    return _MODELS[request.param]
+
+
+def _ids(n, vocab, seed=0):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_logits(model, ids):
+    with torch.inference_mode():
+        return model(ids[None]).logits[0]
+
+
+def test_every_family_is_described():
+    assert set(ARCHITECTURES) >= {"qwen3", "llama", "granite", "olmo2", "phi3", "qwen3_moe", "smollm3"}
+
+
+def test_logits_and_greedy_continuation_equal_transformers_while_the_history_fits(model):
+    vocab = model.config.vocab_size
+    prompt = _ids(EXACT.n_init + EXACT.n_local - 8, vocab)
+    ref = _hf_logits(model, prompt)
+    fwd = MemoryForward(model)
+    ctx = fwd.new_context(EXACT)
+    with torch.inference_mode():
+        out = fwd(prompt, ctx, logits="all")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    # Greedy continuation, one token per step through the memory, against a full recompute.
+    ours, theirs = [], prompt
+    with torch.inference_mode():
+        logits = out[-1]
+        for _ in range(8):
+            ours.append(int(logits.argmax()))
+            expected = _hf_logits(model, theirs)[-1]
+            torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+            theirs = torch.cat([theirs, expected.argmax()[None]])
+            logits = fwd(torch.tensor(ours[-1:]), ctx)
+    assert ours == theirs[len(prompt) :].tolist()
+    assert len(ctx.store) == 0 and ctx.layout.n_tokens == EXACT.n_init + EXACT.n_local
+
+
+@pytest.mark.parametrize("family", ["llama3", "phi3"])
+def test_rope_scaling_is_the_models_own_past_its_original_context(family):
+    """The equality above holds at 200 positions, past the original 32; without the scaling the
+    same weights give other logits, so the memory really used the scaled tables."""
+    model = FAMILIES[family]()
+    cfg = model.config.to_dict()
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    plain = type(model)(type(model.config).from_dict(cfg)).eval()
+    plain.load_state_dict(model.state_dict())
+    ids = _ids(EXACT.n_init + EXACT.n_local, model.config.vocab_size, seed=1)
+    assert len(ids) > ORIGINAL_CONTEXT
+    fwd = MemoryForward(model)
+    with torch.inference_mode():
+        out = fwd(ids, fwd.new_context(EXACT), logits="all")
+    torch.testing.assert_close(out, _hf_logits(model, ids), atol=2e-5, rtol=1e-4)
+    assert (out - _hf_logits(plain, ids)).abs().max() > 1e-3
+
+
+def test_memory_beyond_the_window_runs(model):
+    cfg = testing.TINY_CONFIG
+    ids = _ids(6 * cfg.n_local, model.config.vocab_size, seed=2)
+    fwd = MemoryForward(model)
+    ctx = fwd.new_context(cfg)
+    with torch.inference_mode():
+        out = fwd(ids, ctx, logits="all")
+        step = fwd(ids[:1], ctx)
+    assert torch.isfinite(out).all() and torch.isfinite(step).all()
+    plan = describe(model)
+    assert len(ctx.store) > cfg.topk and len(ctx.layers) == len(plan.memory_layers)
+    # With every block attended, chunking does not change the memory: the last tokens one at a
+    # time give the logits of one pass (retrieval is per chunk, so with topk 2 they may differ).
+    every = cfg.replace(topk=64, max_cached_blocks=64)
+    whole, ctx2 = fwd.new_context(every), fwd.new_context(every)
+    with torch.inference_mode():
+        out = fwd(ids, whole, logits="all")
+        fwd(ids[:-4], ctx2, logits="none")
+        tail = torch.stack([fwd(ids[i : i + 1], ctx2) for i in range(len(ids) - 4, len(ids))])
+    torch.testing.assert_close(tail, out[-4:], atol=5e-5, rtol=1e-4)
+
+
+def test_save_and_load_give_the_same_next_token_logits(model, tmp_path):
+    tok = _tok()
+    mem = ContextMemory(model, tok, testing.TINY_CONFIG)
+    mem.add_text("The pass key is 12345. Remember it. The grass is green. " * 12)
+    mem.save(tmp_path / "m")
+    loaded = ContextMemory.load(tmp_path / "m", model, tokenizer=tok)
+    assert len(loaded._engine.ctx.store) > 0
+    q = torch.tensor(tok.encode("What is the pass key?"))
+    with torch.inference_mode():
+        a = mem._engine.forward(q, mem._engine.ctx)
+        b = loaded._engine.forward(q, loaded._engine.ctx)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    loaded.close()
+
+
+def test_an_unsupported_architecture_is_named_with_what_is_missing():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedModelError, match=r"architecture 'gpt2' is not supported: no description .*supported: llama"):
+        MemoryForward(model)
