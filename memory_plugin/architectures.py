@@ -57,6 +57,7 @@ class Architecture:
 
 LLAMA = Architecture()
 QWEN3 = Architecture(qk_norm="head")
+SANDWICH = dict(attn_norms=("input_layernorm", "post_attention_layernorm"), mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"))
 
 #: ``config.model_type`` -> its description. What each was checked against: README.md, "Models".
 ARCHITECTURES: dict[str, Architecture] = {
@@ -69,6 +70,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmo2": Architecture(qk_norm="all", attn_norms=(None, "post_attention_layernorm"), mlp_norms=(None, "post_feedforward_layernorm")),
     "phi3": Architecture(qkv=("qkv_proj",), windows="config"),  # gate_up_proj is inside the layer's `mlp`
     "smollm3": Architecture(nope_layers=True),
+    "gemma2": Architecture(softcaps=True, **SANDWICH),  # embeddings are scaled by the embedding module
+    "gemma3_text": Architecture(qk_norm="head", softcaps=True, rope_per_layer_type=True, **SANDWICH),
 }
 
 

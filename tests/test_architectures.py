@@ -82,9 +82,32 @@ def smollm3():
     return _build(SmolLM3Config, SmolLM3ForCausalLM, num_hidden_layers=3, no_rope_layers=[1, 0, 1], pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return _build(
+        Gemma2Config, Gemma2ForCausalLM, num_hidden_layers=4, sliding_window=24, query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    )  # fmt: skip
+
+
+def gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return _build(
+        Gemma3TextConfig, Gemma3ForCausalLM, num_hidden_layers=4, sliding_window=24, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    )  # fmt: skip
+
+
 FAMILIES = {
     "qwen3": qwen3, "llama3": llama3, "granite": granite, "olmo2": olmo2, "phi3": phi3, "qwen3_moe": qwen3_moe,
-    "smollm3": smollm3,
+    "smollm3": smollm3, "gemma2": gemma2, "gemma3": gemma3,
 }  # fmt: skip
 
 _TOK = []
@@ -116,7 +139,7 @@ def _hf_logits(model, ids):
 
 
 def test_every_family_is_described():
-    assert set(ARCHITECTURES) >= {"qwen3", "llama", "granite", "olmo2", "phi3", "qwen3_moe", "smollm3"}
+    assert set(ARCHITECTURES) >= {"qwen3", "llama", "granite", "olmo2", "phi3", "qwen3_moe", "smollm3", "gemma2", "gemma3_text"}
 
 
 def test_logits_and_greedy_continuation_equal_transformers_while_the_history_fits(model):
@@ -203,3 +226,28 @@ def test_an_unsupported_architecture_is_named_with_what_is_missing():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(UnsupportedModelError, match=r"architecture 'gpt2' is not supported: no description .*supported: llama"):
         MemoryForward(model)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_sliding_layers_keep_their_window_and_only_full_layers_hold_memory(family):
+    """Hybrids: the equality test above runs 200 tokens through 24-token sliding windows (their
+    keys beyond it are masked as transformers masks them); past the memory's window the sliding
+    layers still hold only their last window - 1 keys, and blocks are cut in the full layers only."""
+    model = FAMILIES[family]()
+    fwd = MemoryForward(model)
+    assert fwd.geometry.memory_layers == [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
+    ctx = fwd.new_context(testing.TINY_CONFIG)
+    with torch.inference_mode():
+        fwd(_ids(5 * testing.TINY_CONFIG.n_local, model.config.vocab_size), ctx, logits="none")
+    window = model.config.sliding_window
+    assert set(ctx.windows) == {i for i, t in enumerate(model.config.layer_types) if t == "sliding_attention"}
+    assert all(w.k.shape[1] == window - 1 for w in ctx.windows.values())
+    assert len(ctx.store.layers) == len(fwd.geometry.memory_layers) and len(ctx.store) > 0
+
+
+def test_a_model_whose_every_layer_slides_gets_memory_in_every_layer():
+    """Mistral 7B v0.1's setting (InfLLM's own): the memory's local window replaces the sliding one."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = _build(MistralConfig, MistralForCausalLM, sliding_window=24)
+    assert describe(model).memory_layers == [0, 1]
