@@ -1,7 +1,8 @@
 """Every supported family (memory_plugin.architectures) on a tiny random config built with
 transformers' own config class: logits and greedy continuation equal to transformers' forward while
 the history fits init + window (RoPE scaling included, at positions past the original context), the
-memory path beyond the window, and a save/load round trip."""
+memory path beyond the window, a save/load round trip, and loading from a GGUF file written here
+(with the ``gguf`` package) for the families whose GGUF transformers reads."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from memory_plugin import ContextMemory, MemoryConfig, UnsupportedModelError, testing
-from memory_plugin.architectures import ARCHITECTURES, describe
+from memory_plugin.architectures import ARCHITECTURES, FULL, describe
 from memory_plugin.model import MemoryForward
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -251,3 +252,90 @@ def test_a_model_whose_every_layer_slides_gets_memory_in_every_layer():
 
     model = _build(MistralConfig, MistralForCausalLM, sliding_window=24)
     assert describe(model).memory_layers == [0, 1]
+
+
+# ----------------------------------------------------------------------------- GGUF
+#: transformers' config.model_type -> the GGUF architecture name (llama.cpp's).
+GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+
+
+def _write_gguf(model, tok, path) -> None:
+    """A float32 GGUF of ``model`` and ``tok`` as llama.cpp's converter lays it out (names from
+    transformers' own GGUF name map; Llama's q/k rows permuted, Gemma's norms stored as 1 + w)."""
+    import json
+
+    import gguf
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    cfg = model.config
+    arch = GGUF_ARCH[cfg.model_type]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters.get(FULL, cfg.rope_parameters)["rope_theta"])
+    if getattr(cfg, "sliding_window", None):
+        w.add_sliding_window(cfg.sliding_window)
+    spec = json.loads(tok.backend_tokenizer.to_str())["model"]
+    vocab = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])]
+    special = set(tok.all_special_tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    state = model.state_dict()
+    for name, hf_name in get_gguf_hf_weights_map(model, TensorProcessor()).items():
+        t = state[hf_name].float().numpy()
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):  # llama.cpp's rotary row order
+            n = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+            t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        if arch.startswith("gemma") and "norm.weight" in name:
+            t = t + 1
+        w.add_tensor(name, np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _qwen3_gguf():
+    """Qwen3's GGUF carries no head_dim: transformers takes Qwen3's 128 (the real models' too)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _build(Qwen3Config, Qwen3ForCausalLM, head_dim=128)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "phi3", "gemma2", "gemma3"])
+def test_loads_from_gguf_and_equals_transformers_on_it(family, tmp_path):
+    """What a GGUF does not carry, transformers fills with defaults (Llama 3's and Phi-3's RoPE
+    scaling, Gemma's soft-caps and query scalar): the memory equals transformers on the model as
+    loaded, and for Qwen3 (everything carried) the model as written."""
+    pytest.importorskip("gguf")
+    from memory_plugin import load_model
+
+    original = _qwen3_gguf() if family == "qwen3" else FAMILIES[family]()
+    _write_gguf(original, _tok(), tmp_path / f"{family}.gguf")
+    model, tok = load_model(tmp_path / f"{family}.gguf")
+    assert model.config.model_type == original.config.model_type
+    assert tok.encode("The pass key is 12345.") == _tok().encode("The pass key is 12345.")
+    torch.testing.assert_close(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    ids = _ids(getattr(model.config, "sliding_window", None) or 24, model.config.vocab_size, seed=3)  # within every window
+    fwd = MemoryForward(model)
+    with torch.inference_mode():
+        out = fwd(ids, fwd.new_context(EXACT), logits="all")
+    torch.testing.assert_close(out, _hf_logits(model, ids), atol=2e-5, rtol=1e-4)
+    if family == "qwen3":
+        torch.testing.assert_close(out, _hf_logits(original, ids), atol=2e-5, rtol=1e-4)
