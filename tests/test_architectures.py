@@ -42,6 +42,13 @@ def llama3():
     return _build(LlamaConfig, LlamaForCausalLM, rope_parameters=rope)
 
 
+def mistral():
+    """Mistral v0.2 and later (no sliding window; v0.1's is test_a_model_whose_every_layer_slides...)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _build(MistralConfig, MistralForCausalLM, sliding_window=None)
+
+
 def granite():
     from transformers import GraniteConfig, GraniteForCausalLM
 
@@ -107,7 +114,7 @@ def gemma3():
 
 
 FAMILIES = {
-    "qwen3": qwen3, "llama3": llama3, "granite": granite, "olmo2": olmo2, "phi3": phi3, "qwen3_moe": qwen3_moe,
+    "qwen3": qwen3, "llama3": llama3, "mistral": mistral, "granite": granite, "olmo2": olmo2, "phi3": phi3, "qwen3_moe": qwen3_moe,
     "smollm3": smollm3, "gemma2": gemma2, "gemma3": gemma3,
 }  # fmt: skip
 
