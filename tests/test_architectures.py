@@ -346,3 +346,26 @@ def test_loads_from_gguf_and_equals_transformers_on_it(family, tmp_path):
     torch.testing.assert_close(out, _hf_logits(model, ids), atol=2e-5, rtol=1e-4)
     if family == "qwen3":
         torch.testing.assert_close(out, _hf_logits(original, ids), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "smollm3"])
+def test_the_memory_api_runs_on_hybrids_and_layers_without_rope(family):
+    """Generation with explain, retrieval and the cold tier's rebuilt KV work per memory layer
+    (sliding layers hold none; a layer without RoPE stores its keys unrotated)."""
+    cfg = MemoryConfig(
+        block_size=2, n_init=4, n_local=16, topk=2, repr_topk=1, chunk_size=8, max_cached_blocks=4,
+        archive_vectors=2, archive_max_steps=300,
+    )  # fmt: skip
+    model = FAMILIES[family]()
+    mem = ContextMemory(model, _tok(), cfg)
+    mem.add_message("user", "The grass is green. The sky is blue. " * 3)
+    answer = mem.generate("sky?", max_new_tokens=4, min_new_tokens=4, explain=True)
+    assert answer.attended and mem.retrieve("the sky", k=2)
+    assert mem.archive(older_than_tokens=0) > 0
+    ctx = mem._engine.ctx
+    b = next(iter(ctx.store.cold))
+    kv = mem._engine.cold._rehydrate(b)
+    assert len(kv) == len(describe(model).memory_layers) == len(ctx.store.layers)
+    g = ctx.g
+    assert all(t.shape == (2, g.n_kv_heads, cfg.block_size, g.head_dim) for t in kv)
+    assert isinstance(mem.generate("sky?", max_new_tokens=4, min_new_tokens=4), str)
