@@ -137,6 +137,8 @@ def describe(hf_model) -> Plan:
         raise UnsupportedModelError(
             f"architecture {name!r} is not supported in this form: its modules lack {', '.join(missing) or 'layers'}"
         )
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(f"architecture {name!r} with bidirectional attention is not supported: the memory is causal")
     windows = [_window(arch, cfg, layer) for layer in layers]
     if all(w is not None for w in windows):  # InfLLM's setting: the memory window replaces the sliding one
         windows = [None] * len(windows)

@@ -228,6 +228,14 @@ def test_save_and_load_give_the_same_next_token_logits(model, tmp_path):
     loaded.close()
 
 
+def test_partial_rotary_is_refused_with_what_is_missing():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    model = _build(Phi3Config, Phi3ForCausalLM, partial_rotary_factor=0.5, pad_token_id=0)
+    with pytest.raises(UnsupportedModelError, match=r"'phi3': RoPE over 8 of 16 head dimensions \(partial rotary\)"):
+        MemoryForward(model)
+
+
 def test_an_unsupported_architecture_is_named_with_what_is_missing():
     from transformers import GPT2Config, GPT2LMHeadModel
 
