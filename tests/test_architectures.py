@@ -271,17 +271,20 @@ def test_a_model_whose_every_layer_slides_gets_memory_in_every_layer():
 
 # ----------------------------------------------------------------------------- GGUF
 #: transformers' config.model_type -> the GGUF architecture name (llama.cpp's).
-GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+GGUF_ARCH = {
+    "llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3",
+}  # fmt: skip
 
 
 def _write_gguf(model, tok, path) -> None:
     """A float32 GGUF of ``model`` and ``tok`` as llama.cpp's converter lays it out (names from
-    transformers' own GGUF name map; Llama's q/k rows permuted, Gemma's norms stored as 1 + w)."""
+    transformers' own GGUF name map; Llama's q/k rows permuted, Gemma's norms stored as 1 + w, MoE
+    experts' fused gate/up split in two)."""
     import json
 
     import gguf
     import numpy as np
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     cfg = model.config
     arch = GGUF_ARCH[cfg.model_type]
@@ -300,6 +303,9 @@ def _write_gguf(model, tok, path) -> None:
     w.add_rope_freq_base(cfg.rope_parameters.get(FULL, cfg.rope_parameters)["rope_theta"])
     if getattr(cfg, "sliding_window", None):
         w.add_sliding_window(cfg.sliding_window)
+    if getattr(cfg, "num_experts", None):
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
     spec = json.loads(tok.backend_tokenizer.to_str())["model"]
     vocab = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])]
     special = set(tok.all_special_tokens)
@@ -312,8 +318,13 @@ def _write_gguf(model, tok, path) -> None:
     w.add_eos_token_id(tok.eos_token_id)
     w.add_pad_token_id(tok.pad_token_id)
     state = model.state_dict()
-    for name, hf_name in get_gguf_hf_weights_map(model, TensorProcessor()).items():
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)()
+    for name, hf_name in get_gguf_hf_weights_map(model, processor).items():
         t = state[hf_name].float().numpy()
+        if name.endswith(("_exps")):  # experts [E, out, in]; gate and up share one fused tensor
+            half = t.shape[1] // 2
+            t = {"gate": t[:, :half], "up": t[:, half:]}.get(name.rsplit("_", 2)[-2], t)
+            name += ".weight"
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):  # llama.cpp's rotary row order
             n = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
@@ -333,15 +344,28 @@ def _qwen3_gguf():
     return _build(Qwen3Config, Qwen3ForCausalLM, head_dim=128)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3", "phi3", "gemma2", "gemma3"])
+def _qwen3_moe_gguf():
+    """Nor the experts' width (transformers reads none and takes Qwen3-MoE's 768)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return _build(
+        Qwen3MoeConfig, Qwen3MoeForCausalLM, head_dim=128, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=768, decoder_sparse_step=1, norm_topk_prob=True,  # as llama.cpp (and its GGUFs) route
+    )  # fmt: skip
+
+
+WRITTEN_EXACTLY = {"qwen3": _qwen3_gguf, "qwen3_moe": _qwen3_moe_gguf}  # everything the model needs is in its GGUF
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3"])
 def test_loads_from_gguf_and_equals_transformers_on_it(family, tmp_path):
     """What a GGUF does not carry, transformers fills with defaults (Llama 3's and Phi-3's RoPE
     scaling, Gemma's soft-caps and query scalar): the memory equals transformers on the model as
-    loaded, and for Qwen3 (everything carried) the model as written."""
+    loaded, and for Qwen3 and Qwen3-MoE (everything carried) the model as written."""
     pytest.importorskip("gguf")
     from memory_plugin import load_model
 
-    original = _qwen3_gguf() if family == "qwen3" else FAMILIES[family]()
+    original = WRITTEN_EXACTLY[family]() if family in WRITTEN_EXACTLY else FAMILIES[family]()
     _write_gguf(original, _tok(), tmp_path / f"{family}.gguf")
     model, tok = load_model(tmp_path / f"{family}.gguf")
     assert model.config.model_type == original.config.model_type
@@ -352,7 +376,7 @@ def test_loads_from_gguf_and_equals_transformers_on_it(family, tmp_path):
     with torch.inference_mode():
         out = fwd(ids, fwd.new_context(EXACT), logits="all")
     torch.testing.assert_close(out, _hf_logits(model, ids), atol=2e-5, rtol=1e-4)
-    if family == "qwen3":
+    if family in WRITTEN_EXACTLY:
         torch.testing.assert_close(out, _hf_logits(original, ids), atol=2e-5, rtol=1e-4)
 
 
