@@ -88,7 +88,10 @@ class MemoryLog:
         self.path = Path(path)
         try:
             if readonly:  # loading must not touch the directory, not even the journal mode
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+                # A URI: the path percent-encoded, or a directory named with "%", "#" or "?" (as the
+                # pool names threads) is read as another path.
+                uri = f"{self.path.absolute().as_uri()}?mode=ro"
+                self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
                 self.db.execute("SELECT count(*) FROM entries").fetchone()
                 return
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
