@@ -142,8 +142,9 @@ class ContextMemory:
         """Remove entries so that nothing derived from them remains; returns how many.
 
         ``indices``: positions as in :attr:`entries`; ``where``: a predicate on an
-        :class:`Entry` (either or both). The entries after the first removed one are re-encoded
-        from their token ids (for an open memory, from its last snapshot when that precedes them);
+        :class:`Entry` (either or both). The kept entries are re-encoded from their token ids,
+        except that an open memory starts from its last snapshot when that precedes the first
+        removed entry (then only the entries after the snapshot are);
         an open directory is replaced atomically (a crash leaves it as before or as after) and
         every file that held the removed entries is deleted. Checkpoints taken before are void.
 
