@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ask.add_argument(
         "--mode",
-        choices=("hybrid", "lexical", "attention"),
+        choices=("hybrid", "lexical", "semantic", "attention"),
         default="hybrid",
-        help="how --show-sources searches: BM25 and attention fused (default), or one of them",
+        help="how --show-sources searches: the channels fused (default), or one of them",
     )
     ask.add_argument("-k", type=int, default=3, help="passages --show-sources prints (default 3)")
     _serve_parser(sub)

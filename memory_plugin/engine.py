@@ -27,6 +27,7 @@ from .history import Entry, History
 from .lexical import LexicalIndex, entry_passages
 from .loading import model_fingerprint
 from .model import MemoryForward
+from .semantic import default_embedder
 
 
 class Engine:
@@ -42,7 +43,8 @@ class Engine:
         self.spill_dir = spill_dir  # where block shards go: a durable directory, a temp dir, or None
         self.durable = None  # a persistence.Durable while open on a directory
         self.cold = ColdTier(self)
-        self.index = LexicalIndex()  # a durable memory swaps in its index.sqlite (reindex)
+        self.embedder = default_embedder()  # the semantic channel's model (None: not installed)
+        self.index = self.new_index()  # a durable memory swaps in its index.sqlite (reindex)
         self.ctx = None
         self._fingerprint: str | None = None
         self.reset()
@@ -161,7 +163,7 @@ class Engine:
                 self.durable.replace(ctx, history)
             except BaseException:  # nothing was committed: keep the memory as it was
                 ctx.store.close()
-                self.index = LexicalIndex(index_path)
+                self.index = self.new_index(index_path)
                 self.reindex()
                 raise
         old, self.ctx, self.history = self.ctx, ctx, history
@@ -172,7 +174,7 @@ class Engine:
             for s in old.store.disk.shards:
                 (old.store.disk.dir / s.file).unlink(missing_ok=True)
         old.store.close()
-        self.index = LexicalIndex(index_path)
+        self.index = self.new_index(index_path)
         self.reindex()
         return ctx.layout.n_tokens - restored
 
@@ -198,6 +200,10 @@ class Engine:
             self.durable.maybe_snapshot(self.ctx, self.history)
 
     # ---------------------------------------------------------------------------- lifecycle
+    def new_index(self, path: Path | None = None) -> LexicalIndex:
+        """An index of passages (words and vectors) in RAM, or in the file ``path``."""
+        return LexicalIndex(path, self.embedder)
+
     def reindex(self, index: LexicalIndex | None = None) -> None:
         """Make the lexical index (or ``index``, a durable memory's file, which then replaces it)
         hold exactly the history's entries, indexing what it lacks."""

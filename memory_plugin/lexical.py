@@ -14,6 +14,12 @@ SQLite's FTS5 is used rather than a hand-written BM25 because it is in Python's 
 persists in a file, and updates incrementally (deleting the passages of rolled-back entries).
 An in-RAM memory keeps its index in ``:memory:``; a durable one in ``index.sqlite`` beside its log,
 which is derived data: :meth:`LexicalIndex.sync` repairs it from the entries on open.
+
+The same rows carry each passage's vector from an :class:`~memory_plugin.semantic.Embedder` (the
+semantic channel, :meth:`LexicalIndex.search_semantic`), so passages, words and vectors have one
+owner and follow rollbacks and reopening together. The vectors are also held in RAM as one
+matrix (1M tokens: ~8k passages, 8 MB), which a query multiplies: a scan, but of 256 numbers per
+passage, not of the history.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from .semantic import Embedder
 
 # Words too common to say what a query is about: left out of the FTS5 query, so a chat question
 # ("What is the ...?") does not turn into a scan of every passage holding "the".
@@ -140,21 +150,36 @@ class LexicalIndex:
         [0]
     """
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, embedder: Embedder | None = None):
         self.path = None if path is None else Path(path)
+        self.embedder = embedder
         self.db = sqlite3.connect(":memory:" if path is None else str(path), check_same_thread=False, isolation_level=None)
         if path is not None:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # derived data: repaired by sync() after a crash
+        made_by = "" if embedder is None else embedder.name
+        if self._tables() and self._meta("embedder") != made_by:
+            # an index of an older layout, or with another embedder's vectors: derived data, rebuilt
+            self.db.executescript("DROP TABLE IF EXISTS entries; DROP TABLE IF EXISTS passages; "
+                                  "DROP TABLE IF EXISTS passages_fts; DROP TABLE IF EXISTS meta;")
         self.db.executescript(
             """
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS entries (entry INTEGER PRIMARY KEY, digest TEXT NOT NULL, first INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS passages (id INTEGER PRIMARY KEY, entry INTEGER NOT NULL, start INTEGER NOT NULL,
-                                                 end INTEGER NOT NULL);
+                                                 end INTEGER NOT NULL, vec BLOB);
             CREATE INDEX IF NOT EXISTS passages_end ON passages (end);
             CREATE VIRTUAL TABLE IF NOT EXISTS passages_fts USING fts5(text, tokenize='porter unicode61 remove_diacritics 2');
             """
         )
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('embedder', ?)", (made_by,))
+        # the vectors of passages 0..n-1 (passage ids are dense: add appends, truncate cuts a tail)
+        dim = 0 if embedder is None else embedder.dim
+        rows = self.db.execute("SELECT vec FROM passages ORDER BY id").fetchall() if embedder else []
+        self._vecs = np.zeros((max(64, 2 * len(rows)), dim), dtype=np.float32)
+        for i, (blob,) in enumerate(rows):
+            self._vecs[i] = np.frombuffer(blob, dtype=np.float16)
+        self._n = len(rows)
 
     def __len__(self) -> int:
         """Entries indexed."""
@@ -164,14 +189,23 @@ class LexicalIndex:
         """Index entries ``(entry index, content, passages)``, in order, in one transaction."""
         if not items:
             return
+        texts = [p.text for _, _, passages in items for p in passages]
+        vecs = self.embedder(texts) if self.embedder is not None else [None] * len(texts)
         with self._tx():
-            nxt = self.db.execute("SELECT coalesce(max(id) + 1, 0) FROM passages").fetchone()[0]
+            first = nxt = self.db.execute("SELECT coalesce(max(id) + 1, 0) FROM passages").fetchone()[0]
             for entry, content, passages in items:
                 self.db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?)", (entry, _digest(content), nxt))
                 for p in passages:
-                    self.db.execute("INSERT INTO passages VALUES (?, ?, ?, ?)", (nxt, p.entry, p.start, p.end))
+                    v = vecs[nxt - first]
+                    blob = None if v is None else v.astype(np.float16).tobytes()  # half the bytes; ranks the same
+                    self.db.execute("INSERT INTO passages VALUES (?, ?, ?, ?, ?)", (nxt, p.entry, p.start, p.end, blob))
                     self.db.execute("INSERT INTO passages_fts (rowid, text) VALUES (?, ?)", (nxt, p.text))
                     nxt += 1
+        if self.embedder is not None and texts:
+            if nxt > len(self._vecs):
+                self._vecs = np.concatenate([self._vecs[: self._n], np.zeros((nxt, self.embedder.dim), np.float32)])
+            self._vecs[first:nxt] = np.asarray(vecs, dtype=np.float16)  # as stored, so a reopened index ranks alike
+            self._n = nxt
 
     def truncate(self, n_entries: int) -> None:
         """Forget entries ``n_entries`` and later."""
@@ -182,6 +216,7 @@ class LexicalIndex:
             self.db.execute("DELETE FROM passages_fts WHERE rowid >= ?", (row[0],))
             self.db.execute("DELETE FROM passages WHERE id >= ?", (row[0],))
             self.db.execute("DELETE FROM entries WHERE entry >= ?", (n_entries,))
+        self._n = min(self._n, row[0])
 
     def sync(self, contents: Sequence[str]) -> int:
         """Keep only the indexed entries that match ``contents`` (the memory's entries, in order);
@@ -207,6 +242,18 @@ class LexicalIndex:
         ).fetchall()
         return [(Passage(e, a, b, t), s) for e, a, b, t, s in rows]
 
+    def search_semantic(self, query: str, limit: int) -> list[tuple[Passage, float]]:
+        """Passages whose vectors are closest to ``query``'s (cosine), best first; empty without an
+        embedder."""
+        if self.embedder is None or self._n == 0 or limit <= 0:
+            return []
+        score = self._vecs[: self._n] @ self.embedder([query])[0]
+        top = np.argsort(-score, kind="stable")[:limit]  # ties (repeated text) to the earliest, as the words do
+        rows = {r[0]: r[1:] for r in self.db.execute(
+            f"SELECT p.id, p.entry, p.start, p.end, f.text FROM passages p JOIN passages_fts f ON f.rowid = p.id "
+            f"WHERE p.id IN ({','.join('?' * len(top))})", [int(i) for i in top]).fetchall()}
+        return [(Passage(*rows[int(i)]), float(score[i])) for i in top]
+
     def passages(self, lo: int = 0, hi: int | None = None) -> list[Passage]:
         """Passages overlapping tokens ``[lo, hi)``, in history order."""
         hi = (1 << 62) if hi is None else hi
@@ -225,6 +272,15 @@ class LexicalIndex:
 
     def close(self) -> None:
         self.db.close()
+
+    def _tables(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _meta(self, key: str) -> str | None:
+        if "meta" not in self._tables():
+            return None
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:

@@ -311,9 +311,10 @@ class ContextMemory:
         A passage is a message, or a piece of at most ``block_size`` tokens of a longer entry.
         ``mode="hybrid"`` fuses two rankings (z-scored and summed, see
         :func:`memory_plugin.retrieval.fuse`): ``"lexical"`` (BM25 over the passages' words: exact
-        for names, ids, numbers) and ``"attention"`` (the model's own queries for ``query`` against
-        each passage's keys); each hit's ``channels`` says which ranked it in their top ``k``. The
-        memory is not changed.
+        for names, ids, numbers) and ``"semantic"`` (a small embedding model's vectors:
+        paraphrases); ``"attention"`` (the model's own queries for ``query`` against each passage's
+        keys) is a third channel asked on its own. Each hit's ``channels`` says which ranked it in
+        their top ``k``. The memory is not changed.
 
         Example:
             >>> [(h.role, h.channels, h.text[:40]) for h in mem.retrieve("database port", k=2)]  # doctest: +SKIP

@@ -34,7 +34,6 @@ from safetensors.torch import load as st_load
 from .blocks import ShardInfo, ShardSet, atomic_write, write_safetensors
 from .config import MemoryConfig
 from .history import spans
-from .lexical import LexicalIndex
 from .loading import model_fingerprint  # noqa: F401  (its old home: re-exported)
 
 FORMAT_VERSION = 2  # 2: the manifest names its log (forget writes a new one); 1 is read as log.sqlite
@@ -501,7 +500,7 @@ def open_into(engine, directory: Path, lock: DirLock, manifest: Manifest | None,
         engine.history.extend(entries)
     durable = Durable(directory, lock, engine.fingerprint, engine.model_name, engine.config, manifest, every)
     engine.replay(tail)
-    engine.reindex(LexicalIndex(directory / INDEX))
+    engine.reindex(engine.new_index(directory / INDEX))
     engine.durable = durable
     if manifest is not None:
         durable.maybe_snapshot(engine.ctx, engine.history)

@@ -16,7 +16,7 @@ import torch
 from . import retrieval
 from .lexical import Passage
 
-SEARCH_MODES = ("hybrid", "lexical", "attention")
+SEARCH_MODES = ("hybrid", "lexical", "semantic", "attention")
 RECENT_TOKENS = 1024
 """Recall placement skips passages among the last this many tokens: the embedded model already
 answers 7 of 8 questions about a fact ~1k tokens back (docs/BENCHMARKS.md, section 9), and a copy
@@ -92,10 +92,14 @@ class Answer:
 def search(engine, query: str, k: int, mode: str) -> list[MemoryHit]:
     """The ``k`` passages best for ``query``: each channel ranks, :func:`retrieval.fuse` fuses."""
     rankings: dict[str, list[tuple[Passage, float]]] = {}
-    lexical = engine.index.search(query, max(k, retrieval.CHANNEL_DEPTH))
-    if mode != "attention":
+    depth = max(k, retrieval.CHANNEL_DEPTH)
+    channels = retrieval.HYBRID if mode == "hybrid" else (mode,)
+    lexical = engine.index.search(query, depth)
+    if "lexical" in channels:
         rankings["lexical"] = lexical
-    if mode != "lexical":
+    if "semantic" in channels:
+        rankings["semantic"] = engine.index.search_semantic(query, depth)
+    if "attention" in channels:
         queries, n_seen = _query_states(engine, query)
         cands = _candidates(engine, queries, n_seen, [p for p, _ in lexical])
         if cands:

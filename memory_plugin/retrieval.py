@@ -1,10 +1,15 @@
 """Ranking passages of a memory's history against a query, for :meth:`ContextMemory.retrieve`.
 
-Two channels, fused:
+Three channels; ``mode="hybrid"`` fuses the ``HYBRID`` ones:
 
 * **lexical**: BM25 over the passages' words (:mod:`memory_plugin.lexical`), exact for the names,
   ids and numbers that are said once;
-* **attention**: the model's own keys. InfLLM's block relevance (mean query · representative keys)
+* **semantic**: a static embedding model's vectors (:mod:`memory_plugin.semantic`), for queries
+  that share few words with their passage;
+* **attention**: the model's own keys, not in the hybrid default: fused with the other two it
+  changed no more than one answer in 94 on the retrieval benchmark (docs/BENCHMARKS.md, section 4)
+  and it costs a forward pass of the query through the model (~1-2 s on CPU, against ~5 ms for the
+  other two together). InfLLM's block relevance (mean query · representative keys)
   chooses blocks for attention well enough, but as a search it is close to chance: the
   representative keys are the tokens that drew attention, mostly punctuation and sinks (1-3 of 32
   topics first, docs/BENCHMARKS.md section 4). Two changes make it a usable search: every key of a
@@ -36,6 +41,7 @@ FULL_SCAN_TOKENS = 16384
 PRESELECT_BLOCKS = 64
 CHANNEL_DEPTH = 50  # hits of each channel that take part in the fusion
 RRF_K = 60  # the constant of Cormack et al.; larger flattens the fusion toward a vote count
+HYBRID = ("lexical", "semantic")  # the channels mode="hybrid" fuses; chosen on the retrieval benchmark, section 4
 FUSION = "zscore"  # how channels are fused (see fuse); chosen on the retrieval benchmark, section 4
 _PASSAGES_PER_BATCH = 64  # bounds the [passages, heads, query tokens, passage tokens] similarity tensor
 

@@ -11,6 +11,7 @@ import pytest
 
 from memory_plugin import Answer, ContextMemory, MemoryConfig
 from memory_plugin import lexical, retrieval
+from memory_plugin.semantic import Embedder, default_embedder
 from memory_plugin.lexical import LexicalIndex, Passage, cut, fts_query
 from memory_plugin.testing import TINY_CONFIG
 
@@ -157,7 +158,7 @@ def test_durable_index_persists_is_repaired_and_copies_are_searchable(tiny_model
         assert [(h.start, h.end) for h in mem.retrieve("Oriana Vesk", k=3)] == want
         mem.add_message("user", "The okapi sleeps in hall Brackwater.")
     # an index that disagrees with the log (a crash between the two) is repaired on open
-    ix = LexicalIndex(d / "index.sqlite")
+    ix = LexicalIndex(d / "index.sqlite", default_embedder())
     ix.truncate(2)
     ix.add([(2, "stale", [Passage(2, 0, 5, "stale okapi words")])])
     ix.close()
@@ -167,6 +168,81 @@ def test_durable_index_persists_is_repaired_and_copies_are_searchable(tiny_model
         assert mem.retrieve("Ines Okafor", k=1, mode="lexical")[0].role == "tool"
     copy = ContextMemory.load(tmp_path / "copy", tiny_model, tokenizer=tiny_tokenizer)
     assert [(h.start, h.end) for h in copy.retrieve("Oriana Vesk", k=3)] == want
+
+
+FACTS = [
+    ("user", "My brother Tomasz works as a paramedic in Gdansk."),
+    ("user", "I am training for the Berlin marathon in September."),
+    ("user", "We adopted a rescue greyhound called Biscuit from the shelter in March."),
+]
+
+
+def test_semantic_channel_finds_a_paraphrase_that_shares_no_word(tiny_memory):
+    mem = _memos_memory(tiny_memory)
+    mem.add_messages([{"role": r, "content": c} for r, c in FACTS])
+    for (_, fact), query in zip(FACTS, ["What is my sibling's job?", "Which race do I prepare for?",
+                                        "What's the name of our pet dog?"]):
+        assert mem.retrieve(query, k=3, mode="lexical") == [] or fact not in mem.retrieve(query, k=1, mode="lexical")[0].text
+        hit = mem.retrieve(query, k=1, mode="semantic")[0]
+        assert hit.text == fact and hit.channels == ("semantic",)
+        assert mem.retrieve(query, k=1)[0].text == fact  # and the fusion keeps it first
+    # rare names stay the lexical channel's: the semantic one does not outvote an exact match
+    assert "Oriana Vesk" in mem.retrieve("Which ticket did Oriana Vesk close?", k=1)[0].text
+
+
+def test_semantic_vectors_follow_rollback_and_persist_with_the_index(tiny_model, tiny_tokenizer, tmp_path):
+    d = tmp_path / "mem"
+    with ContextMemory.open(d, tiny_model, tokenizer=tiny_tokenizer, config=CONFIG) as mem:
+        _memos_memory(mem)
+        cp = mem.checkpoint()
+        mem.add_message("user", FACTS[0][1])
+        assert mem.retrieve("What is my sibling's job?", k=1, mode="semantic")[0].text == FACTS[0][1]
+        mem.rollback(cp)
+        assert FACTS[0][1] not in [h.text for h in mem.retrieve("What is my sibling's job?", k=50, mode="semantic")]
+        mem.add_messages([{"role": r, "content": c} for r, c in FACTS])
+        want = [(h.start, h.end, round(h.score, 4)) for h in mem.retrieve("our pet dog's name", k=5, mode="semantic")]
+    ix = LexicalIndex(d / "index.sqlite", default_embedder())  # the vectors are in the file
+    assert [(p.start, p.end) for p, s in ix.search_semantic("our pet dog's name", 5)] == [w[:2] for w in want]
+    ix.close()
+    with ContextMemory.open(d, tiny_model, tokenizer=tiny_tokenizer) as mem:
+        assert [(h.start, h.end, round(h.score, 4)) for h in mem.retrieve("our pet dog's name", k=5, mode="semantic")] == want
+
+
+class _Letters(Embedder):
+    """A stand-in model: letter counts (another name, another dimension)."""
+
+    def __init__(self):
+        super().__init__("letters", 26, None)
+
+    def __call__(self, texts):
+        import numpy as np
+
+        v = np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz"] for t in texts], dtype=np.float32)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-6)
+
+
+def test_an_index_made_by_another_embedder_or_an_older_layout_is_rebuilt(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "index.sqlite"
+    ix = LexicalIndex(path, _Letters())
+    ix.add([(0, "zzz", [Passage(0, 0, 3, "zzz")]), (1, "aaa", [Passage(1, 3, 6, "aaa")])])
+    assert [p.text for p, _ in ix.search_semantic("zz", 2)] == ["zzz", "aaa"]
+    ix.close()
+    ix = LexicalIndex(path, default_embedder())  # another model's vectors are not comparable: dropped
+    assert len(ix) == 0 and ix.search_semantic("zz", 2) == [] and ix.sync(["zzz", "aaa"]) == 0
+    ix.close()
+    db = sqlite3.connect(path)  # the layout before vectors: no meta table, no vec column
+    db.executescript("DROP TABLE meta; DROP TABLE passages; CREATE TABLE passages (id INTEGER PRIMARY KEY, entry INTEGER,"
+                     " start INTEGER, end INTEGER); INSERT INTO entries VALUES (0, 'x', 0);")
+    db.close()
+    ix = LexicalIndex(path, _Letters())
+    assert len(ix) == 0
+    ix.add([(0, "zzz", [Passage(0, 0, 3, "zzz")])])
+    assert [p.text for p, _ in ix.search_semantic("z", 1)] == ["zzz"]
+    without = LexicalIndex()  # no embedder: no semantic channel, the words still work
+    without.add([(0, "zzz", [Passage(0, 0, 3, "zzz")])])
+    assert without.search_semantic("zzz", 1) == [] and [p.text for p, _ in without.search("zzz", 1)] == ["zzz"]
 
 
 def test_past_the_full_scan_size_attention_scores_only_candidates(tiny_memory, monkeypatch):

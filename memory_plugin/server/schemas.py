@@ -358,7 +358,7 @@ class ThreadMessages(BaseModel):
 class SearchRequest(_Request):
     query: str = Field(min_length=1)
     k: int = Field(default=4, ge=0, le=100)
-    mode: Literal["hybrid", "lexical", "attention"] = "hybrid"
+    mode: Literal["hybrid", "lexical", "semantic", "attention"] = "hybrid"
 
 
 class SearchHit(BaseModel):

@@ -12,16 +12,16 @@ from pydantic import ConfigDict, Field
 
 from memory_plugin import ContextMemory
 
-SearchMode = Literal["hybrid", "lexical", "attention"]
+SearchMode = Literal["hybrid", "lexical", "semantic", "attention"]
 
 
 class ContextMemoryRetriever(BaseRetriever):
     """The passages of a ContextMemory's history most relevant to a query, as LangChain ``Document``s.
 
     The search is the memory's own (:meth:`ContextMemory.retrieve`): in ``mode="hybrid"`` (default)
-    BM25 over the passages' words (exact for names, ids, numbers said once) fused with the model's
-    attention ranking (its queries for the question against each passage's keys); ``"lexical"`` or
-    ``"attention"`` use one channel. A passage is a whole message, or a piece of at most
+    BM25 over the passages' words (exact for names, ids, numbers said once) fused with a small
+    embedding model's ranking (paraphrases); ``"lexical"``, ``"semantic"`` or ``"attention"`` (the
+    model's own queries against each passage's keys) use one channel. A passage is a whole message, or a piece of at most
     ``block_size`` tokens of a longer entry, cut at sentence ends. Any LLM, a hosted one too, can so
     read from a history far longer than its context. Metadata of each document: ``start``/``end``
     (token span in the history), ``score`` (fused), ``message_index`` and ``role`` (the stored

@@ -96,7 +96,7 @@ def test_retriever_returns_spans_as_documents_with_their_source(filled):
         }
         entry = filled.entries[hit.message_index]
         assert entry.start <= hit.start < hit.end <= entry.end and entry.role == hit.role  # within one message
-        assert set(doc.metadata["channels"]) <= {"lexical", "attention"} and doc.metadata["channels"]
+        assert set(doc.metadata["channels"]) <= {"lexical", "semantic", "attention"} and doc.metadata["channels"]
     assert [d.metadata["score"] for d in docs] == sorted((d.metadata["score"] for d in docs), reverse=True)
     # The tool result is found by its words ("pass", "key"): first, and by the lexical channel.
     assert docs[0].metadata["role"] == "tool" and "lexical" in docs[0].metadata["channels"]

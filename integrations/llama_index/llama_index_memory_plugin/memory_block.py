@@ -45,7 +45,7 @@ class ContextMemoryBlock(BaseMemoryBlock[str]):
     )
     memory: ContextMemory = Field(exclude=True, description="Where flushed messages are encoded.")
     similarity_top_k: int = Field(default=3, ge=0, description="Memory passages retrieved per read.")
-    mode: Literal["hybrid", "lexical", "attention"] = Field(
+    mode: Literal["hybrid", "lexical", "semantic", "attention"] = Field(
         default="hybrid", description="How the history is searched (see ContextMemory.retrieve)."
     )
     query_messages: int = Field(default=1, ge=1, description="Latest messages whose text forms the query.")

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from memory_plugin import ContextMemory, MemoryConfig, MemoryHit
 from memory_plugin.bridge import iterate_in_thread
+from memory_plugin.recall import SEARCH_MODES
 from memory_plugin.sampling import SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
     becomes a :class:`NodeWithScore` (score: the fused score) whose node has the original node's id,
     metadata and relationships, the passage's text, and ``start_char_idx``/``end_char_idx`` into the
     original node's text (``original.text[start:end] == source.node.text``); its metadata also holds
-    ``memory_channels``, the channels (``"lexical"``, ``"attention"``) that ranked it in their top
+    ``memory_channels``, the channels (``"lexical"``, ``"semantic"``, ``"attention"``) that ranked it in their top
     ``similarity_top_k`` (left out of what the LLM and embeddings see).
 
     The answer is generated with the best passages for the query string placed verbatim before the
@@ -87,7 +88,7 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
             must already hold exactly ``nodes`` as ingested by this class (e.g. a loaded memory).
         nodes: the corpus, in order. Nodes with no text are skipped.
         similarity_top_k: passages returned as source nodes.
-        mode: how source nodes are searched: "hybrid" (default), "lexical" or "attention" (see
+        mode: how source nodes are searched: "hybrid" (default), "lexical", "semantic" or "attention" (see
             :meth:`ContextMemory.retrieve`).
         recall: passages placed before the prompt (None: the memory's ``config.recall_k``; 0: none).
         max_new_tokens, temperature, stop: generation settings (greedy by default).
@@ -126,8 +127,8 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
             raise ValueError("prompt_template must contain {query_str}")
         if isinstance(similarity_top_k, bool) or not isinstance(similarity_top_k, int) or similarity_top_k < 0:
             raise ValueError(f"similarity_top_k must be a non-negative int, got {similarity_top_k!r}")
-        if mode not in ("hybrid", "lexical", "attention"):
-            raise ValueError(f"mode must be 'hybrid', 'lexical' or 'attention', got {mode!r}")
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
         super().__init__(callback_manager=callback_manager)
         self._memory = memory
         self.similarity_top_k = similarity_top_k
