@@ -26,16 +26,14 @@ def smol(real_model):
 
 def test_equals_transformers_full_attention_within_init_plus_window(smol):
     model, tok = smol
-    mem = ContextMemory(model, tok)
-    cfg = mem.config
-    text = passkey_history(tok, cfg.n_init + cfg.n_local - 50, 0.4, "48213")
-    mem.add_message("system", "You are a helpful assistant.")
-    mem.add_text(text)
-    ids = torch.tensor(mem.token_ids)
+    fresh = ContextMemory(model, tok)
+    cfg = fresh.config
+    text = passkey_history(tok, cfg.n_init + cfg.n_local - 20, 0.4, "48213")
+    ids = torch.tensor(tok.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."},
+                                                {"role": "user", "content": text}], tokenize=True, return_dict=False))
     assert cfg.n_local < len(ids) <= cfg.n_init + cfg.n_local  # init tokens are in use, no block yet
     with torch.inference_mode():
         ref = model(ids[None]).logits[0, -200:]
-        fresh = ContextMemory(model, tok)
         ctx = fresh._engine.ctx
         out = fresh._engine.forward(ids, ctx, logits="all")[-200:]
     # float32 over 30 layers with a different summation order (fused flash kernel, split softmax)

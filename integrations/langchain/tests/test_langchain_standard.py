@@ -59,6 +59,7 @@ class TestContextMemoryChatModelIntegration(ChatModelIntegrationTests):
         return str(default_model_path())
 
     @pytest.mark.xfail(
+        run=False,  # not run: a minute of CI for a known failure of the model, not of this package
         reason="json_mode leaves the JSON's shape to the model, and SmolLM2-135M nests the keys wrongly "
         "(e.g. {'setup': {'punchline': ...}}); method='json_schema' and function calling, where the keys "
         "come from the schema, pass test_structured_output"
@@ -67,6 +68,7 @@ class TestContextMemoryChatModelIntegration(ChatModelIntegrationTests):
         super().test_json_mode(model)
 
     @pytest.mark.xfail(
+        run=False,
         reason="with tool_choice='auto' SmolLM2-135M answers 'What is the weather in San Francisco?' in "
         "prose instead of calling get_weather; forced calls (tool_choice='any') pass test_tool_calling"
     )
