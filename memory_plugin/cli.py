@@ -103,6 +103,31 @@ def _info(args) -> int:
 def _serve(args) -> int:
     from .server.run import serve
 
+    if args.ray:
+        from .server.ray_app import serve_ray
+        from .server.run import is_loopback
+        from .server.tenants import KEYS_ENV, load_keys
+
+        if args.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+        keys = load_keys(args.api_keys)
+        if not keys and not is_loopback(args.host):
+            raise ValueError(f"--host {args.host}: without API keys (--api-keys FILE or {KEYS_ENV}) only loopback is served")
+        serve_ray(
+            args.host,
+            args.port,
+            args.memory_dir,
+            replicas=args.replicas,
+            address=args.ray_address,
+            keys=keys,
+            max_concurrency=args.max_concurrency,
+            max_open=args.max_open,
+            max_resident_mb=args.max_resident_mb,
+            model=args.model,
+            model_name=args.model_name,
+            lock_wait=args.lock_wait,
+        )
+        return 0
     serve(
         args.host,
         args.port,
@@ -128,6 +153,10 @@ def _serve_parser(sub) -> None:
     sp.add_argument("--max-resident-mb", type=float, help="RAM for all open memories together")
     sp.add_argument("--model", help="local directory, .gguf file or cached hub id (default: embedded SmolLM2)")
     sp.add_argument("--model-name", default="memory-plugin", help="the model id clients name (default memory-plugin)")
+    sp.add_argument("--ray", action="store_true", help="run on Ray Serve (pip install memory-plugin[ray]); budgets are per replica")
+    sp.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with the model and a pool (default 2)")
+    sp.add_argument("--ray-address", help="with --ray: join this cluster ('auto': the one running here); default: start a local one")
+    sp.add_argument("--lock-wait", type=float, default=5.0, help="with --ray: seconds a replica waits for a thread open in another (default 5)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote
 
 from .config import MemoryConfig
 from .memory import ContextMemory
-from .persistence import LOCK, SNAPSHOT_EVERY_TOKENS
+from .persistence import LOCK, SNAPSHOT_EVERY_TOKENS, MemoryLockedError
 from .sessions import Conversation, check_messages, sync_messages
 
 MAX_ID_CHARS = 200
@@ -86,6 +86,8 @@ class MemoryPool:
         max_resident_bytes: RAM for all open memories together (each is also bounded by it); the
             least recently used idle ones are closed while the open ones hold more.
         snapshot_every: as :meth:`ContextMemory.open`.
+        lock_wait: seconds to wait for a thread another process has open for writing (another
+            replica of a scaled-out server) before its :class:`MemoryLockedError` is raised.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class MemoryPool:
         max_open: int = 8,
         max_resident_bytes: int | None = None,
         snapshot_every: int = SNAPSHOT_EVERY_TOKENS,
+        lock_wait: float = 0.0,
     ):
         if isinstance(max_open, bool) or not isinstance(max_open, int) or max_open < 1:
             raise ValueError(f"max_open must be a positive int, got {max_open!r}")
@@ -109,6 +112,7 @@ class MemoryPool:
         self._slots: OrderedDict[tuple[str, str], _Slot] = OrderedDict()  # open memories, least recent first
         self._locks: dict[tuple[str, str], threading.Lock] = {}  # one per thread ever checked out
         self._lock = threading.Lock()  # guards the two dicts, never held while a memory works
+        self.lock_wait = float(lock_wait)
 
     # ---------------------------------------------------------------------------- threads
     @contextlib.contextmanager
@@ -250,9 +254,7 @@ class MemoryPool:
                 if slot is not None:
                     self._slots.move_to_end(key)
             if slot is None:
-                mem = ContextMemory.open(
-                    path, self.model, tokenizer=self.tokenizer, config=self.config, snapshot_every=self.snapshot_every
-                )
+                mem = self._open(path)
                 msgs = mem.messages
                 slot = _Slot(mem, None if any(m["role"] is None for m in msgs) else msgs, self._locks[key])
                 with self._lock:
@@ -262,6 +264,38 @@ class MemoryPool:
                 yield slot
             finally:
                 self._shrink(keep=key)
+
+    def _open(self, path: Path) -> ContextMemory:
+        # The directory's flock is the only lock between processes: poll it (flock has no timeout).
+        deadline = time.monotonic() + self.lock_wait
+        while True:
+            try:
+                return ContextMemory.open(
+                    path, self.model, tokenizer=self.tokenizer, config=self.config, snapshot_every=self.snapshot_every
+                )
+            except MemoryLockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def release(self, thread: str) -> int:
+        """Close the idle open memories of ``thread`` (any tenant), releasing their directories to
+        another process; a memory in a turn stays open. Returns how many were closed."""
+        closed = 0
+        with self._lock:
+            keys = [k for k in self._slots if k[1] == thread]
+        for key in keys:
+            with self._lock:
+                slot = self._slots.get(key)
+                if slot is None or not slot.lock.acquire(blocking=False):
+                    continue
+                del self._slots[key]
+            try:
+                slot.memory.close()
+                closed += 1
+            finally:
+                slot.lock.release()
+        return closed
 
     def _shrink(self, keep: tuple[str, str]) -> None:
         """Close least recently used idle memories beyond ``max_open`` or the RAM budget."""

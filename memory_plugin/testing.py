@@ -68,3 +68,10 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     )
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval().requires_grad_(False)
+
+
+def tiny_pair():
+    """``(tiny_llama, tiny_tokenizer)`` as a server process loads them (``loader="memory_plugin.testing:tiny_pair"``
+    for the Ray Serve replicas, which cannot be handed the test's own objects)."""
+    tok = tiny_tokenizer()
+    return tiny_llama(len(tok)), tok

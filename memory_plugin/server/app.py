@@ -47,6 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..bridge import iterate_in_thread
+from ..persistence import MemoryLockedError
 from ..pool import MAX_ID_CHARS
 from ..sampling import SamplingOptions
 from ..tools import InvalidToolCall, ToolCall
@@ -514,6 +515,13 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(MemoryLockedError)
+    async def locked(request: Request, exc: MemoryLockedError):
+        # Only a scaled-out server (several replicas on one shared directory) meets this: the
+        # thread is open for writing in another process; the client may retry once that lets go.
+        err = APIError(409, f"this thread is open for writing in another server replica; retry shortly ({exc})", code="thread_busy")
+        return JSONResponse(err.body(), status_code=409, headers={"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
