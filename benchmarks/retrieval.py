@@ -1,11 +1,13 @@
 """Does ``ContextMemory.retrieve`` find the right passage, whichever channel the query favours, and
 what does a query cost as the history grows? (issue 17, item 4)
 
-Quality: one history on the embedded model (~27k tokens), three query sets that no single channel
-wins by construction; every query is asked of each channel: ``lexical`` (FTS5 BM25), ``attention``
-(MaxSim over the passages' keys) and ``hybrid`` under both fusions of
-:func:`memory_plugin.retrieval.fuse` (``zscore``, the default, and ``rrf``). A hit is right when its
-entry is the query's entry; top-1, top-3 and seconds per query are reported.
+Quality: one history on the embedded model (~27k tokens), query sets that no single channel wins
+by construction; every query is asked of each channel: ``lexical`` (FTS5 BM25), ``semantic``
+(WordLlama vectors, memory_plugin.semantic), ``attention`` (MaxSim over the passages' keys), and of
+the fusions of :func:`memory_plugin.retrieval.fuse`: ``hybrid`` (the default: ``retrieval.HYBRID``
+channels, z-score fusion), ``hybrid-rrf`` (the same channels, reciprocal-rank fusion) and
+``hybrid+attention`` (all three channels, z-score). A hit is right when its entry is the query's
+entry; top-1, top-3 and seconds per query are reported.
 
 * (a) **topics**: the 32 Python reference topics of docs/BENCHMARKS.md section 4 (``pydoc_data``,
   shipped with CPython), one ``add_text`` entry each; one query per topic written by hand from what
@@ -16,6 +18,10 @@ entry is the query's entry; top-1, top-3 and seconds per query are reported.
   with rare names and ids, mixed among the topics; each query names one memo's rare name(s) or id.
 * (c) **facts**: 10 personal facts in prose, each a user message; each query paraphrases its fact
   and shares at most one content word with it.
+
+(a2) and (c2) are a second wording of every topic and ten more facts with paraphrases, written
+after (a) and (c) had been measured and before any fusion was tried on them: the sets the hybrid
+default was chosen on, so that (a) and (c) are not tuned to.
 
 Scale: seconds per query of each mode at the history lengths asked for, built incrementally on
 one corpus: every pydoc topic (sorted, repeated as needed), each followed by a memo of the (b)
@@ -54,8 +60,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SEED = 0
-MODES = ("lexical", "attention", "hybrid-zscore", "hybrid-rrf")
-SCALE_MODES = ("lexical", "attention", "hybrid")  # hybrid with the default fusion
+MODES = ("lexical", "semantic", "attention", "hybrid", "hybrid-rrf", "hybrid+attention")
+SCALE_MODES = ("lexical", "semantic", "attention", "hybrid")  # hybrid: the default channels and fusion
 K = 3
 
 # (a) The 32 topics of section 4 (random.Random(0).sample of the 35 topics of 1000-8000 characters
@@ -127,6 +133,55 @@ FACTS = [
 ]
 
 
+# (a2) A second wording per topic; (c2) ten more facts, each with a paraphrase sharing at most one content word.
+TOPICS2 = {
+    "raise": "What does the from clause do when I re-throw an exception inside an except block?",
+    "sequence-types": "How do I make my own class behave like a sequence or a mapping?",
+    "atom-identifiers": "What is private name mangling and when does it apply to a name used inside a class?",
+    "identifiers": "What are the rules for a valid identifier, and which keywords are soft keywords?",
+    "try": "How do except star clauses differ from plain except, and when does a finally clause run?",
+    "typesmethods": "What attributes does a method object carry, such as the instance it is bound to and the underlying function?",
+    "id-classes": "Which classes of identifiers are reserved, such as names beginning with an underscore?",
+    "for": "How does a for loop iterate over an iterable, and is it safe to modify the sequence while looping over it?",
+    "return": "Can a return statement appear outside a function, and how does it interact with a finally clause?",
+    "dict": "What does a dictionary display produce, and how does a dict comprehension differ from it?",
+    "specialattrs": "Which special read-only attributes do objects and types carry, like their dictionary and class?",
+    "exprlists": "What does a list of expressions separated by commas evaluate to, and how does an asterisk unpack an iterable in it?",
+    "integers": "What is the syntax of integer literals, and is there a limit on how large an integer can be?",
+    "calls": "What happens when a callable is invoked with star args and double-star kwargs, and how are values assigned to formal parameters?",
+    "subscriptions": "What does obj[key] do for a mapping compared with a sequence, and which special method does it call?",
+    "binary": "How do the arithmetic operators like multiplication, matrix multiplication and division convert their operands?",
+    "typesseq-mutable": "How do slice assignment and deleting a slice change a mutable sequence?",
+    "naming": "How are names bound in code blocks, and what is the difference between local, global and free variables?",
+    "augassign": "What is an augmented assignment statement, and how many times is its target evaluated?",
+    "context-managers": "What are the enter and exit methods of a context manager used for?",
+    "global": "What does the global statement declare, and can it name a variable already used earlier in the same block?",
+    "with": "How does a with statement with several items nest its context managers?",
+    "power": "How does the power operator associate, and what is the result of zero raised to a negative power?",
+    "operator-summary": "Show me the table that orders Python's operators from lowest to highest priority, from lambda to parentheses.",
+    "typesmodules": "What is the only special operation a module supports, and what is a module's namespace dictionary?",
+    "in": "How do the membership test operators work with the contains method and with iteration?",
+    "async": "What are the async for and async with statements, and where can await be used?",
+    "function": "What does executing a function definition do, and when are annotations and default values evaluated?",
+    "objects": "What does garbage collection do with objects that are unreachable, and can an object's type change?",
+    "booleans": "How does truth value testing work, and how do the Boolean operations not, and, or evaluate?",
+    "exceptions": "How are exceptions raised and handled in Python's execution model, and what is meant by the termination model?",
+    "numeric-types": "What are the reflected and in-place methods for emulating numeric types?",
+}
+FACTS2 = [
+    ("My brother Tomasz works as a paramedic in Gdansk.", "What is my sibling's job?"),
+    ("I keep my spare house key under the blue flowerpot by the back door.", "Where is the extra key to my home hidden?"),  # key
+    ("Our office wifi password is pelican-harbour-42.", "What are the network credentials at work?"),
+    ("I'm training for the Berlin marathon in September.", "Which race am I preparing to run?"),
+    ("The invoice for the roof repair came to 4,300 euros.", "How much did fixing the top of the house cost?"),
+    ("My grandmother turns ninety on the third of August.", "When is my nan's birthday?"),
+    ("I'm vegetarian but I still eat eggs and cheese.", "Do I consume meat?"),
+    ("The backups of the customer database run every night at two.", "When is client data copied for safety?"),
+    ("Our landlord, Mr. Okafor, raised the rent by eight percent this year.", "How much more do we pay for the flat now?"),
+    ("I learned to sail on Lake Geneva as a teenager.", "Where did I pick up boating when I was young?"),
+]
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -177,8 +232,11 @@ def quality_items(sets: str, seed: int = SEED) -> list[dict]:
     extra += [{"set": "c", "label": f"fact-{i}", "kind": "user", "text": f, "query": q} for i, (f, q) in enumerate(FACTS)]
     for x in extra:
         items.insert(rng.randrange(len(items) + 1), x)
+    rng = random.Random(seed + 1)  # (c2) placed after, so the history of (a)-(c) keeps its order
+    for i, (f, q) in enumerate(FACTS2):
+        items.insert(rng.randrange(len(items) + 1), {"set": "c2", "label": f"fact2-{i}", "kind": "user", "text": f, "query": q})
     for x in items:  # entries of sets not asked stay in the history (as distractors) but get no query
-        x["asked"] = x["set"] in sets
+        x["asked"] = x["set"].rstrip("2") in sets
     return items
 
 
@@ -193,18 +251,21 @@ def add(mem, item: dict) -> int:
 
 # ------------------------------------------------------------------------------------------ retrieval
 def search(mem, query: str, mode: str) -> tuple[list, float]:
-    """retrieve() in one of MODES (hybrid-* sets the fusion for the call); hits and seconds."""
+    """retrieve() in one of MODES (hybrid-rrf sets the fusion, hybrid+attention the channels, for
+    the call); hits and seconds."""
     from memory_plugin import retrieval
 
-    fusion = retrieval.FUSION
-    if mode.startswith("hybrid-"):
-        retrieval.FUSION = mode.split("-", 1)[1]  # fuse() reads the module attribute at call time
+    fusion, channels = retrieval.FUSION, retrieval.HYBRID
+    if mode == "hybrid-rrf":
+        retrieval.FUSION = "rrf"  # search() and fuse() read the module attributes at call time
+    if mode == "hybrid+attention":
+        retrieval.HYBRID = ("lexical", "semantic", "attention")
     try:
         t = time.perf_counter()
-        hits = mem.retrieve(query, k=K, mode=mode.split("-")[0])
+        hits = mem.retrieve(query, k=K, mode=mode.split("-")[0].split("+")[0])
         return hits, time.perf_counter() - t
     finally:
-        retrieval.FUSION = fusion
+        retrieval.FUSION, retrieval.HYBRID = fusion, channels
 
 
 def quality(model, tok, sets: str) -> dict:
@@ -226,6 +287,7 @@ def quality(model, tok, sets: str) -> dict:
         search(mem, "warm up", mode)
     rows = []
     asked = [x for x in items if x["asked"]]
+    asked += [{**x, "set": "a2", "query": TOPICS2[x["label"]]} for x in items if x["asked"] and x["set"] == "a"]
     for x in tqdm(sorted(asked, key=lambda x: (x["set"], x["entry"])), desc="quality queries", file=sys.stderr):
         row = {"set": x["set"], "label": x["label"], "query": x["query"], "modes": {}}
         ok = {x["entry"]} | ({entry[SAME_TEXT[x["label"]]]} if x["label"] in SAME_TEXT else set())
@@ -351,7 +413,8 @@ def ratios(rows: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ report
-SET_NAMES = {"a": "(a) topics", "b": "(b) memos", "c": "(c) paraphrased facts"}
+SET_NAMES = {"a": "(a) topics", "a2": "(a2) topics, second wording", "b": "(b) memos", "c": "(c) paraphrased facts",
+             "c2": "(c2) more paraphrased facts"}
 
 
 def report(res: dict) -> str:
@@ -377,13 +440,13 @@ def report(res: dict) -> str:
     if res.get("scale"):
         lines += ["", "Scale: seconds per query (mean over the timed queries; hybrid = default fusion). "
                   "Memo top-1: the memos of (b) among the scale corpus's template memos.", "",
-                  "| model | tokens | blocks | ingest tok/s | lexical | attention | hybrid | memo top-1 lex/att/hyb |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | tokens | blocks | ingest tok/s | " + " | ".join(SCALE_MODES) + " | memo top-1 "
+                  + "/".join(m[:3] for m in SCALE_MODES) + " |", "|---|---|---|---|" + "---|" * (len(SCALE_MODES) + 1)]
         for r in res["scale"]:
             s, t = r["s_per_query"], r["memo_top1"]
-            lines.append(f"| {r['model']} | {r['tokens']} | {r['blocks']} | {r['ingest_tok_s']} | {s['lexical']:.4f} | "
-                         f"{s['attention']:.4f} | {s['hybrid']:.4f} | {t['lexical']}/{t['attention']}/{t['hybrid']} of "
-                         f"{r['memo_queries']} |")
+            lines.append(f"| {r['model']} | {r['tokens']} | {r['blocks']} | {r['ingest_tok_s']} | "
+                         + " | ".join(f"{s[m]:.4f}" for m in SCALE_MODES) + " | "
+                         + "/".join(str(t[m]) for m in SCALE_MODES) + f" of {r['memo_queries']} |")
         lines += ["", "Lexical s/query by query set (a topics: common words / b memos: rare names / c paraphrases):", "",
                   "| model | tokens | a | b | c |", "|---|---|---|---|---|"]
         for r in res["scale"]:
