@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ import sqlite3
 
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
-from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 from langgraph.checkpoint.sqlite import SqliteSaver
 
@@ -134,3 +135,8 @@ def test_the_embedded_model_answers_a_fact_from_before_the_restart(tmp_path):
     assert reply.usage_metadata["input_token_details"]["cache_read"] == stored(before[3], tokenizer)
     assert "4721" in reply.text
     llm.close()
+
+
+def test_the_readme_shows_the_snippet_these_tests_run():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert AGENT.strip() in readme
