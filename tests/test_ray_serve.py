@@ -77,31 +77,27 @@ def test_threads_route_to_their_replica_serialise_and_wait_for_another_writer(cl
     assert all(len(replicas) == 1 for replicas in where.values()), where
     assert len(set().union(*where.values())) == 2, where
 
-    # Six turns at once on a conversation no replica holds yet (the Responses API stores each
-    # reply). Ray routes an id no replica has loaded to any replica, so the burst may reach both:
-    # the replica that opened the thread serves its share one after another, the other waits
-    # LOCK_WAIT for the directory and refuses with 409 thread_busy (it never writes). Every reply
-    # the thread holds is the answer its own request received, right after that request's input.
+    # Six turns at once on one thread, once a first turn made a replica hold it: that replica
+    # serves all six one after another (a burst on a thread no replica holds yet can reach both;
+    # docs/SCALING.md). Each resends the conversation with its own last message; the thread ends
+    # holding the conversation of exactly one of them, whole.
+    first = chat(client, "same", "first", system="Keep notes.")
+    assert first.status_code == 200, first.text
+    start = [("system", "Keep notes."), ("user", "first"), ("assistant", first.json()["choices"][0]["message"]["content"])]
+
+    def turn(note):
+        msgs = [{"role": role, "content": text} for role, text in start] + [{"role": "user", "content": note}]
+        body = {"model": MODEL, "messages": msgs, "max_tokens": 3}
+        return client.post("/chat/completions", json=body, headers={"X-Thread-Id": "same", THREAD_HEADER: "same"})
+
     notes = [f"note number {i}" for i in range(6)]
-
-    def respond(note):
-        body = {"model": MODEL, "input": note, "conversation": "same", "max_output_tokens": 3}
-        return client.post("/responses", json=body, headers={THREAD_HEADER: "same"})
-
     with ThreadPoolExecutor(6) as ex:
-        replies = list(ex.map(respond, notes))
-    served = {n: r for n, r in zip(notes, replies) if r.status_code == 200}
-    refused = [r for r in replies if r.status_code != 200]
-    assert served and all(r.status_code == 409 and r.json()["error"]["code"] == "thread_busy" for r in refused)
-    assert len({r.headers[REPLICA_HEADER] for r in served.values()}) == 1  # one writer
-    answer = {n: r.json()["output"][0]["content"][0]["text"] for n, r in served.items()}
-    held = messages(client, "same")
-    assert held and [m["role"] for m in held] == ["user", "assistant"] * (len(held) // 2)
-    for asked, replied in zip(held[::2], held[1::2]):
-        assert asked["content"] in answer and replied["content"] == answer[asked["content"]]
-    # Now that a replica holds it, the next turns go there and are served.
-    again = respond("one more")
-    assert again.status_code == 200 and again.headers[REPLICA_HEADER] in {r.headers[REPLICA_HEADER] for r in served.values()}
+        replies = list(ex.map(turn, notes))
+    assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies if r.status_code != 200]
+    assert {r.headers[REPLICA_HEADER] for r in replies} == {first.headers[REPLICA_HEADER]}  # one writer
+    assert all(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0 for r in replies)
+    held = [(m["role"], m["content"]) for m in messages(client, "same")]
+    assert held[:3] == start and len(held) == 4 and held[3][0] == "user" and held[3][1] in notes, held
 
     # Another process holds the thread open for writing (as a second replica would): the replica
     # waits LOCK_WAIT seconds, then refuses clearly; once it lets go, the turn goes through.
@@ -121,23 +117,25 @@ def test_threads_route_to_their_replica_serialise_and_wait_for_another_writer(cl
 @pytest.mark.skipif(not OPT_IN, reason="kills a Ray Serve replica and waits for its restart (~60-90 s on 2 cores): MEMORY_PLUGIN_RAY_TESTS=1")
 def test_a_replica_killed_mid_turn_loses_no_completed_turn(cluster):
     client, _ = cluster
-    thread, history = "fault", [{"role": "system", "content": "Keep notes."}]
-    for i in range(2):  # two completed turns, each resending the conversation
-        history.append({"role": "user", "content": f"fact {i}"})
-        r = client.post("/chat/completions", json={"model": MODEL, "messages": history, "max_tokens": 3},
-                        headers={"X-Thread-Id": thread, THREAD_HEADER: thread})  # fmt: skip
+    thread, headers = "fault", {THREAD_HEADER: "fault"}
+
+    def respond(text, **extra):
+        body = {"model": MODEL, "input": text, "conversation": thread, "max_output_tokens": 3, **extra}
+        return client.post("/responses", json=body, headers=headers)
+
+    completed = []
+    for i in range(2):  # two completed turns (the Responses API stores each reply)
+        r = respond(f"fact {i}")
         assert r.status_code == 200, r.text
-        history.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
-    completed = list(history)
+        completed += [("user", f"fact {i}"), ("assistant", r.json()["output"][0]["content"][0]["text"])]
 
     # A long streamed turn; its replica is killed (SIGKILL, no clean-up) once the first piece arrives.
-    body = {"model": MODEL, "messages": [*history, {"role": "user", "content": "interrupted"}], "max_tokens": 400,
-            "min_tokens": 400, "stream": True}  # fmt: skip
-    with client.stream("POST", "/chat/completions", json=body, headers={"X-Thread-Id": thread, THREAD_HEADER: thread}) as s:
+    body = {"model": MODEL, "input": "interrupted", "conversation": thread, "max_output_tokens": 400, "stream": True}
+    with client.stream("POST", "/responses", json=body, headers=headers) as s:
         pid = int(s.headers[REPLICA_HEADER].rsplit(":", 1)[1])
         lines = s.iter_lines()
         for line in lines:
-            if line.startswith("data:") and json.loads(line[5:]).get("choices"):
+            if "output_text.delta" in line:
                 break
         os.kill(pid, signal.SIGKILL)
         try:  # the stream ends with an error or is cut; either way it stops
@@ -150,18 +148,18 @@ def test_a_replica_killed_mid_turn_loses_no_completed_turn(cluster):
     deadline = time.monotonic() + 300
     while True:
         try:
-            r = client.get(f"/threads/{thread}/messages", headers={THREAD_HEADER: thread})
+            r = client.get(f"/threads/{thread}/messages", headers=headers)
             if r.status_code == 200 and r.headers[REPLICA_HEADER].rsplit(":", 1)[1] != str(pid):
                 break
         except httpx.HTTPError:
             pass
         assert time.monotonic() < deadline, "no replica answered for the thread after the kill"
         time.sleep(1)
-    held = [{"role": m["role"], "content": m["content"]} for m in r.json()["data"]]
+    held = [(m["role"], m["content"]) for m in r.json()["data"]]
     assert held[: len(completed)] == completed  # every completed turn is there
     rest = held[len(completed) :]
-    assert rest == [] or (rest[0]["content"] == "interrupted" and [m["role"] for m in rest] == ["user", "assistant"])
-    # and the thread goes on
-    r = client.post("/chat/completions", json={"model": MODEL, "messages": [*completed, {"role": "user", "content": "after"}],
-                    "max_tokens": 3}, headers={"X-Thread-Id": thread, THREAD_HEADER: thread})  # fmt: skip
-    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert rest == [] or (rest[0] == ("user", "interrupted") and [role for role, _ in rest] == ["user", "assistant"]), rest
+    # and the thread goes on from it
+    r = respond("after")
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["input_tokens_details"]["cached_tokens"] > 0
