@@ -119,9 +119,17 @@ def test_a_replica_killed_mid_turn_loses_no_completed_turn(cluster):
     client, _ = cluster
     thread, headers = "fault", {THREAD_HEADER: "fault"}
 
-    def respond(text, **extra):
-        body = {"model": MODEL, "input": text, "conversation": thread, "max_output_tokens": 3, **extra}
-        return client.post("/responses", json=body, headers=headers)
+    def respond(text):
+        # As a client should: retry a 409 thread_busy after its Retry-After. Ray tells its router
+        # which replica loaded a thread asynchronously, so a turn right after the thread's first
+        # one (or after a restart) can reach a replica that does not hold it.
+        body = {"model": MODEL, "input": text, "conversation": thread, "max_output_tokens": 3}
+        for _ in range(30):
+            r = client.post("/responses", json=body, headers=headers)
+            if r.status_code != 409:
+                return r
+            time.sleep(float(r.headers["retry-after"]))
+        return r
 
     completed = []
     for i in range(2):  # two completed turns (the Responses API stores each reply)
@@ -158,7 +166,9 @@ def test_a_replica_killed_mid_turn_loses_no_completed_turn(cluster):
     held = [(m["role"], m["content"]) for m in r.json()["data"]]
     assert held[: len(completed)] == completed  # every completed turn is there
     rest = held[len(completed) :]
-    assert rest == [] or (rest[0] == ("user", "interrupted") and [role for role, _ in rest] == ["user", "assistant"]), rest
+    # The interrupted turn is absent, whole, or (what this code does today, docs/SCALING.md) its
+    # input is durable without the reply that was being generated: never a partial reply.
+    assert rest in ([], [("user", "interrupted")]) or [m for m, _ in rest] == ["user", "assistant"], rest
     # and the thread goes on from it
     r = respond("after")
     assert r.status_code == 200, r.text
