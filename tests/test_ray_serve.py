@@ -172,3 +172,12 @@ def test_a_replica_killed_mid_turn_loses_no_completed_turn(cluster):
     r = respond("after")
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["input_tokens_details"]["cached_tokens"] > 0
+
+
+def test_cli_refuses_bad_ray_flags(tmp_path, capsys):
+    from memory_plugin.cli import main
+
+    assert main(["serve", "--ray", "--replicas", "0", "--memory-dir", str(tmp_path)]) == 2
+    assert "--replicas must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--host", "0.0.0.0", "--memory-dir", str(tmp_path)]) == 2
+    assert "only loopback" in capsys.readouterr().err
