@@ -103,6 +103,9 @@ def _info(args) -> int:
 def _serve(args) -> int:
     from .server.run import serve
 
+    # the same model and budgets for one process or per Ray replica
+    budgets = dict(max_concurrency=args.max_concurrency, max_open=args.max_open, max_resident_mb=args.max_resident_mb,
+                   model=args.model, model_name=args.model_name)
     if args.ray:
         from .server.ray_app import serve_ray
         from .server.run import is_loopback
@@ -113,32 +116,10 @@ def _serve(args) -> int:
         keys = load_keys(args.api_keys)
         if not keys and not is_loopback(args.host):
             raise ValueError(f"--host {args.host}: without API keys (--api-keys FILE or {KEYS_ENV}) only loopback is served")
-        serve_ray(
-            args.host,
-            args.port,
-            args.memory_dir,
-            replicas=args.replicas,
-            address=args.ray_address,
-            keys=keys,
-            max_concurrency=args.max_concurrency,
-            max_open=args.max_open,
-            max_resident_mb=args.max_resident_mb,
-            model=args.model,
-            model_name=args.model_name,
-            lock_wait=args.lock_wait,
-        )
+        serve_ray(args.host, args.port, args.memory_dir, replicas=args.replicas, address=args.ray_address, keys=keys,
+                  lock_wait=args.lock_wait, **budgets)
         return 0
-    serve(
-        args.host,
-        args.port,
-        args.memory_dir,
-        api_keys=args.api_keys,
-        max_concurrency=args.max_concurrency,
-        max_open=args.max_open,
-        max_resident_mb=args.max_resident_mb,
-        model=args.model,
-        model_name=args.model_name,
-    )
+    serve(args.host, args.port, args.memory_dir, api_keys=args.api_keys, **budgets)
     return 0
 
 
