@@ -42,6 +42,7 @@ class Engine:
         self.lock = threading.RLock()
         self.spill_dir = spill_dir  # where block shards go: a durable directory, a temp dir, or None
         self.durable = None  # a persistence.Durable while open on a directory
+        self.holding = 0  # depth of ContextMemory.atomic blocks: their entries reach the log at the outermost end
         self.cold = ColdTier(self)
         self.embedder = default_embedder()  # the semantic channel's model (None: not installed)
         self.index = self.new_index()  # a durable memory swaps in its index.sqlite (reindex)
@@ -93,8 +94,9 @@ class Engine:
 
     def record(self, entries: list[Entry], cp: dict | None) -> None:
         """Entries whose tokens are encoded become history (durably, for an open memory). If the
-        log refuses them, the context is rolled back to ``cp`` and must not hold them either."""
-        if self.durable is not None:
+        log refuses them, the context is rolled back to ``cp`` and must not hold them either. Inside
+        an atomic block they wait for its end (:meth:`write_held`)."""
+        if self.durable is not None and not self.holding:
             try:
                 self.durable.record([(e.role, e.content, self.ctx.tokens[e.start : e.end]) for e in entries])
             except BaseException:
@@ -109,8 +111,9 @@ class Engine:
         return entry_passages(i, e, self.ctx.tokens[e.start : e.end], self.tokenizer, self.config.block_size)
 
     def settle(self) -> None:
-        """After new history: snapshot an open memory when due, wake the cold-tier worker."""
-        if self.durable is not None:
+        """After new history: snapshot an open memory when due (not inside an atomic block: a
+        snapshot names only logged entries), wake the cold-tier worker."""
+        if self.durable is not None and not self.holding:
             self.durable.maybe_snapshot(self.ctx, self.history)
         self.cold.notify()
 
@@ -197,7 +200,19 @@ class Engine:
         self.rollbacks.append((self.clock, n))
         if self.durable is not None:
             self.durable.truncate_log(n_entries)
-            self.durable.maybe_snapshot(self.ctx, self.history)
+            if not self.holding:
+                self.durable.maybe_snapshot(self.ctx, self.history)
+
+    def write_held(self) -> None:
+        """Write to an open memory's log, in one transaction, the entries an atomic block held back
+        (the log always holds a prefix of the history: rollbacks truncate both, a forget rewrites
+        both), then snapshot when due."""
+        if self.durable is None:
+            return
+        logged = self.durable.log.count()
+        if logged < len(self.history):
+            self.durable.record(self.history.rows(self.ctx.tokens, logged))
+        self.durable.maybe_snapshot(self.ctx, self.history)
 
     # ---------------------------------------------------------------------------- lifecycle
     def new_index(self, path: Path | None = None) -> LexicalIndex:
@@ -218,6 +233,8 @@ class Engine:
         self.cold.close()
         with self.lock:
             if self.durable is not None:
+                self.holding = 0  # closed inside an atomic block: what it added is kept
+                self.write_held()
                 self.durable.snapshot(self.ctx, self.history)
                 self.durable.close()
                 self.durable = None

@@ -8,11 +8,12 @@ save/load/open to :mod:`~memory_plugin.persistence`, memory vectors to :mod:`~me
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,6 +230,42 @@ class ContextMemory:
         with self._lock:
             self._engine.rollback(checkpoint.context, checkpoint.state, checkpoint.n_entries, checkpoint.clock)
 
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[ContextMemory]:
+        """A block whose writes are kept together or not at all: a turn's input and its reply.
+
+        For a memory opened on a directory, the entries added inside reach its log together, in
+        one transaction, when the block ends (a process killed inside leaves none of them: reopening
+        finds the memory as before the block); an exception inside rolls the memory back to where
+        the block began. The memory's lock is held throughout. Inside, a rollback or forget works
+        as usual (a forget writes the whole memory, as always); one that cuts below the block's
+        start leaves nothing to roll back to, and an exception then keeps what the memory holds.
+        Blocks nest; the outermost one writes.
+
+        Example:
+            >>> with mem.atomic():  # doctest: +SKIP
+            ...     mem.add_message("user", "What is my locker code?")
+            ...     mem.add_message("assistant", mem.generate(None))
+        """
+        with self._lock:
+            engine = self._engine
+            start = self.checkpoint()
+            engine.holding += 1
+            try:
+                yield self
+            except BaseException:
+                engine.holding -= 1
+                try:
+                    self.rollback(start)
+                except ValueError:  # cut below the start inside the block: keep what it holds
+                    pass
+                if not engine.holding:
+                    engine.write_held()
+                raise
+            engine.holding -= 1
+            if not engine.holding:
+                engine.write_held()
+
     # ------------------------------------------------------------------------------------ reading
     def generate(
         self,
@@ -387,6 +424,7 @@ class ContextMemory:
         with self._lock:
             durable = self._engine.durable
             if durable is not None and Path(path).resolve() == durable.dir.resolve():
+                self._engine.write_held()  # inside atomic(): a snapshot names only logged entries
                 durable.snapshot(self._engine.ctx, self._engine.history)
             else:
                 e = self._engine
