@@ -75,6 +75,51 @@ class _Slot:
     before_last: object = None  # checkpoint before the last message (sessions.sync_messages)
 
 
+class HeldThread:
+    """One thread's memory while a caller holds it (:meth:`MemoryPool.held`); valid in that block only."""
+
+    def __init__(self, slot: _Slot, key: str):
+        self._slot, self.key = slot, key
+
+    @property
+    def memory(self) -> ContextMemory:
+        return self._slot.memory
+
+    @property
+    def messages(self) -> list[dict] | None:
+        """The conversation the thread holds (a copy); None when it holds raw text."""
+        held = self._slot.messages
+        return None if held is None else list(held)
+
+    def sync(self, messages: Sequence[dict]) -> Conversation:
+        """Make the memory hold exactly ``messages``, as :meth:`MemoryPool.conversation` does."""
+        msgs, slot = check_messages(messages), self._slot
+        if slot.messages is None:  # raw text: no conversation extends it
+            slot.memory.reset()
+            slot.messages, slot.before_last = [], None
+        reused, new, slot.before_last = sync_messages(slot.memory, slot.messages, msgs, slot.before_last)
+        slot.messages = msgs
+        return Conversation(slot.memory, reused, new, self.key)
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[HeldThread]:
+        """:meth:`ContextMemory.atomic` on the thread: what the block adds becomes durable together
+        at its end, and an exception leaves the thread holding what it held before the block."""
+        slot = self._slot
+        before = (slot.messages, slot.before_last)
+        try:
+            with slot.memory.atomic():
+                yield self
+        except BaseException:
+            msgs = slot.memory.messages
+            if msgs == before[0]:
+                slot.messages, slot.before_last = before
+            else:  # the block cut below its start (ContextMemory.atomic): what it holds now
+                slot.messages = None if any(m["role"] is None for m in msgs) else msgs
+                slot.before_last = None
+            raise
+
+
 class MemoryPool:
     """Durable memories keyed by ``(tenant, thread)`` (see the module doc).
 
@@ -136,13 +181,16 @@ class MemoryPool:
         they agree (the last message swapped cheaply, otherwise cropped from the thread's last
         snapshot before that point), never mixed."""
         msgs = check_messages(messages)
+        with self.held(tenant, thread) as held:
+            yield held.sync(msgs)
+
+    @contextlib.contextmanager
+    def held(self, tenant: str, thread: str) -> Iterator[HeldThread]:
+        """The thread held for this caller alone during the block, to read what it holds and then
+        change it in the same hold (:class:`HeldThread`): a turn that continues the thread's own
+        history (the Responses API) reads that history under the lock its turn holds."""
         with self._checkout(tenant, thread) as slot:
-            if slot.messages is None:  # raw text: no conversation extends it
-                slot.memory.reset()
-                slot.messages, slot.before_last = [], None
-            reused, new, slot.before_last = sync_messages(slot.memory, slot.messages, msgs, slot.before_last)
-            slot.messages = msgs
-            yield Conversation(slot.memory, reused, new, f"{tenant}/{thread}")
+            yield HeldThread(slot, f"{tenant}/{thread}")
 
     def forget(self, tenant: str, thread: str, indices: Sequence[int] | None = None, *, where=None) -> int:
         """:meth:`ContextMemory.forget` on the thread's memory (created if new); returns how many

@@ -141,6 +141,34 @@ def test_responses_continue_from_previous_response_id(serve):
         assert post(input="x", previous_response_id="resp_missing").status_code == 404
 
 
+def test_concurrent_responses_on_one_conversation_follow_one_another_whole(serve):
+    """Each turn reads the thread's history, adds its input and stores its reply in one hold of the
+    thread: turns sent at once on one conversation end as alternating input/reply pairs, each reply
+    after its own input (before, two turns could read the same history and leave an input with no
+    reply after it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with serve(max_concurrency=4) as (url, _):
+        conv = "conv-burst"
+        notes = [f"note number {i}" for i in range(8)]
+
+        def respond(note):
+            body = {"model": MODEL, "input": note, "conversation": conv, "max_output_tokens": 3, "stream": note.endswith(("1", "5"))}
+            if not body["stream"]:
+                return httpx.post(f"{url}/responses", json=body, timeout=120).json()["output"][0]["content"][0]["text"]
+            with httpx.stream("POST", f"{url}/responses", json=body, timeout=120) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+            return events[-1]["response"]["output"][0]["content"][0]["text"]
+
+        with ThreadPoolExecutor(8) as ex:
+            replies = dict(zip(notes, ex.map(respond, notes)))
+        held = [(m["role"], m["content"]) for m in httpx.get(f"{url}/threads/{conv}/messages").json()["data"]]
+        assert [role for role, _ in held] == ["user", "assistant"] * len(notes), held
+        pairs = list(zip(held[::2], held[1::2]))
+        assert sorted(u for (_, u), _ in pairs) == sorted(notes)  # every input once
+        assert all(reply == replies[note] for (_, note), (_, reply) in pairs)  # its own reply after it
+
+
 def test_tenants_see_only_their_threads(serve):
     keys = {"key-a": "alice", "key-b": "bob"}
     with serve(keys) as (url, _):

@@ -62,11 +62,11 @@ from .turns import (
     TurnPlan,
     call_arguments,
     chat_messages,
+    continued,
     offer_tools,
     options,
     response_items,
     run_turn,
-    stored_reply,
     tool_choice,
 )
 
@@ -278,9 +278,10 @@ def _routes(app: FastAPI, server: _Server) -> None:
                 raise APIError(400, "previous_response_id belongs to another conversation", "conversation")
             thread = previous.thread
         thread = thread or _new_id("conv")
-        history = await run_in_threadpool(_history, server, tenant, thread, previous)
-        messages = offer_tools(pool.tokenizer, history + new, functions, history=len(history))
-        plan = TurnPlan(tenant, thread, messages, opts, choice, functions)
+        # Refused here with its status before a stream starts; the turn reads the history again
+        # under its own hold of the thread, so concurrent turns on it follow one another whole.
+        await run_in_threadpool(_check_history, server, tenant, thread, previous)
+        plan = TurnPlan(tenant, thread, new, opts, choice, functions, stateful=True, previous=previous)
         rid = _new_id("resp")
         echo = dict(
             id=rid,
@@ -350,26 +351,13 @@ def _continued_thread(pool, tenant: str, messages: list[dict]) -> str | None:
     return found if info is not None and info.entries is not None and info.entries < len(messages) else None
 
 
-def _history(server: _Server, tenant: str, thread: str, previous: StoredResponse | None) -> list[dict]:
-    """What a thread holds before a response's new input: all of it for a conversation id, the part
-    up to the previous response (checked against its digest) for ``previous_response_id``."""
+def _check_history(server: _Server, tenant: str, thread: str, previous: StoredResponse | None) -> None:
+    """Refuse a response that cannot continue its thread (:func:`~.turns.continued`): one holding
+    documents, or one changed since ``previous``."""
     if previous is None and not server.exists(tenant, thread):
-        return []
-    with server.pool.thread(tenant, thread) as mem:
-        held = mem.messages
-    if any(m["role"] is None for m in held):
-        raise APIError(409, f"thread {thread!r} holds documents, not a conversation", "conversation")
-    if previous is None:
-        return held
-    if len(held) < previous.entries or digest(held[: previous.entries]) != previous.digest:
-        raise APIError(
-            409,
-            f"the conversation changed since {previous.id!r} (entries forgotten, or another branch continued); "
-            "continue from a later response or the conversation id",
-            "previous_response_id",
-            "conversation_changed",
-        )
-    return held[: previous.entries]
+        return
+    with server.pool.held(tenant, thread) as held:
+        continued(held.messages, previous, thread)
 
 
 async def _collect(server: _Server, plan: TurnPlan) -> tuple[str, list, Done]:
@@ -435,11 +423,8 @@ def _output(content: str, calls: list) -> list:
 
 
 def _finish_response(server: _Server, plan: TurnPlan, echo: dict, content: str, calls: list, done: Done) -> s.Response:
-    """Store the reply in the thread and the response id, then the response body."""
-    reply = stored_reply(content, calls)
-    held = plan.messages + ([{"role": "assistant", "content": reply}] if reply.strip() else [])
-    with server.pool.conversation(plan.tenant, plan.thread, held):
-        pass  # the reply's tokens are encoded now: the next input continues after it
+    """Store the response id (the turn stored its input and reply in the thread), then the response body."""
+    held = done.held
     server.store.add(StoredResponse(echo["id"], plan.tenant, plan.thread, len(held), digest(held)))
     usage = s.ResponseUsage(
         input_tokens=done.prompt_tokens,
@@ -484,6 +469,9 @@ async def _response_events(server: _Server, plan: TurnPlan, echo: dict):
                 done = value
     except (TypeError, ValueError) as e:
         yield event("error", **APIError(400, str(e), "input").body()["error"])
+        return
+    except APIError as e:  # the thread changed between the check and the turn (another turn on it)
+        yield event("error", **e.body()["error"])
         return
     content = "".join(text)
     body = await run_in_threadpool(_finish_response, server, plan, echo, content, calls, done)

@@ -28,6 +28,7 @@ from ..tools import (
     tools_system,
 )
 from . import schemas
+from .store import digest
 
 
 class APIError(Exception):
@@ -176,16 +177,39 @@ class Done:
     cached_tokens: int
     finish_reason: str  # stop / length / tool_calls
     text: str = ""  # the model's raw text (calls included)
+    held: list[dict] | None = None  # a stateful turn: what the thread holds after it, reply included
 
 
 @dataclass
 class TurnPlan:
     tenant: str
     thread: str
-    messages: list[dict]  # what the thread holds before the answer
+    messages: list[dict]  # what the thread holds before the answer; with ``stateful``, the new input only
     options: SamplingOptions
     choice: str | None = None  # see tool_choice
     functions: list[dict] = field(default_factory=list)
+    # The Responses API: ``messages`` follow the thread's own history, read under the turn's hold of
+    # the thread, and the reply is stored with them (input and reply durable together).
+    stateful: bool = False
+    previous: Any = None  # with ``stateful``: continue from this StoredResponse's point, not the end
+
+
+def continued(held: list[dict] | None, previous, thread: str) -> list[dict]:
+    """What a Responses turn continues: all the thread holds (``held``, None: raw text), or with a
+    ``previous`` response (its ``id``, ``entries`` and ``digest``) the part up to it, checked."""
+    if held is None:
+        raise APIError(409, f"thread {thread!r} holds documents, not a conversation", "conversation")
+    if previous is None:
+        return held
+    if len(held) < previous.entries or digest(held[: previous.entries]) != previous.digest:
+        raise APIError(
+            409,
+            f"the conversation changed since {previous.id!r} (entries forgotten, or another branch continued); "
+            "continue from a later response or the conversation id",
+            "previous_response_id",
+            "conversation_changed",
+        )
+    return held[: previous.entries]
 
 
 @lru_cache(maxsize=8)
@@ -201,6 +225,11 @@ def run_turn(pool, plan: TurnPlan) -> Iterator[tuple[str, Any]]:
     ends the model's turn and releases the thread. A forced call (``tool_choice`` "required" or a
     name) is started for the model (``<tool_call>`` and the name written into its turn) and ends
     where its block closes; with "none" the model is stopped if it starts a call.
+
+    A ``stateful`` turn reads the thread's history, encodes the input after it, generates and stores
+    the reply all in that one hold, inside :meth:`ContextMemory.atomic`: concurrent turns on a thread
+    follow one another whole, and a turn cut short (client gone, process killed) leaves neither its
+    input nor its reply in the thread.
     """
     opts, choice, fmt = plan.options, plan.choice, chat_format(pool.tokenizer)
     parser = ReplyParser(tools=choice not in (None, "none"))
@@ -214,13 +243,27 @@ def run_turn(pool, plan: TurnPlan) -> Iterator[tuple[str, Any]]:
         prefill = f'{TOOL_CALL_OPEN}\n{{"name": "' + (f'{name}", "arguments": ' if name else "")
         stop.append(TOOL_CALL_CLOSE)
     opts = opts.replace(stop=tuple(stop))
-    generated = ""
-    with pool.conversation(plan.tenant, plan.thread, plan.messages) as conv:
+    generated, text, calls, after = "", [], [], None
+
+    def seen(events):
+        for kind, value in events:
+            (text if kind == "text" else calls).append(value)
+            yield kind, value
+
+    with pool.held(plan.tenant, plan.thread) as held, contextlib.ExitStack() as turn:
+        messages = plan.messages
+        if plan.stateful:
+            history = continued(held.messages, plan.previous, plan.thread)
+            messages = offer_tools(pool.tokenizer, history + plan.messages, plan.functions, history=len(history))
+            if history != held.messages:  # a branch from an earlier response: cut back to it (durable) first
+                held.sync(history)
+            turn.enter_context(held.atomic())
+        conv = held.sync(messages)
         mem = conv.memory
         if prefill:  # the turn's start is written for the model, as raw text after the history
             start = fmt.generation_prompt + prefill
             pieces = mem.stream(start, chat=False, **opts.replace(recall=0).as_kwargs())
-            yield from parser.feed(prefill)
+            yield from seen(parser.feed(prefill))
         else:
             start = fmt.generation_prompt
             pieces = mem.stream(None, **opts.as_kwargs())
@@ -228,18 +271,23 @@ def run_turn(pool, plan: TurnPlan) -> Iterator[tuple[str, Any]]:
         with contextlib.closing(pieces):
             for piece in pieces:
                 generated += piece
-                yield from parser.feed(piece)
+                yield from seen(parser.feed(piece))
         # Re-tokenised, a reply may count a token more or less than generated; never above the cap.
         out_tokens = min(len(fmt.encode(generated)), opts.max_new_tokens) if generated else 0
         cached = conv.reused_tokens
-    yield from parser.finish()
+        last = list(seen(parser.finish()))
+        if plan.stateful:
+            reply = stored_reply("".join(text), calls)
+            after = messages + ([{"role": "assistant", "content": reply}] if reply.strip() else [])
+            held.sync(after)  # the reply's tokens are encoded now: the next input continues after it
+    yield from last
     if parser.saw_call or prefill:
         reason = "tool_calls"
     elif out_tokens >= opts.max_new_tokens:
         reason = "length"
     else:
         reason = "stop"
-    yield "done", Done(prompt_tokens, out_tokens, cached, reason, prefill + generated)
+    yield "done", Done(prompt_tokens, out_tokens, cached, reason, prefill + generated, after)
 
 
 def call_arguments(call: ToolCall | InvalidToolCall) -> str:
