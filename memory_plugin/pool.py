@@ -326,6 +326,11 @@ class MemoryPool:
                     raise
                 time.sleep(0.05)
 
+    def holds(self, thread: str) -> bool:
+        """Whether a memory of ``thread`` (any tenant) is open here now."""
+        with self._lock:
+            return any(k[1] == thread for k in self._slots)
+
     def release(self, thread: str) -> int:
         """Close the idle open memories of ``thread`` (any tenant), releasing their directories to
         another process; a memory in a turn stays open. Returns how many were closed."""

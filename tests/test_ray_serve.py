@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 from ray import serve  # noqa: E402
 
 from memory_plugin import MemoryPool  # noqa: E402
-from memory_plugin.server.ray_app import REPLICA_HEADER, THREAD_HEADER, deployment  # noqa: E402
+from memory_plugin.server.ray_app import HELD_HEADER, REPLICA_HEADER, THREAD_HEADER, deployment  # noqa: E402
 
 MODEL = "memory-plugin"
 LOCK_WAIT = 1.0
@@ -69,13 +69,17 @@ def test_threads_route_to_their_replica_serialise_and_wait_for_another_writer(cl
     client, root = cluster
     # Routing: each thread's turns land on one replica (multiplexing), and the threads use both.
     where: dict[str, set[str]] = {}
+    held = []
     for turn in range(3):
         for thread in ("t0", "t1", "t2", "t3"):
             r = chat(client, thread, f"turn {turn} of {thread}")
             assert r.status_code == 200, r.text
             where.setdefault(thread, set()).add(r.headers[REPLICA_HEADER])
+            held.append((turn, r.headers[HELD_HEADER]))
     assert all(len(replicas) == 1 for replicas in where.values()), where
     assert len(set().union(*where.values())) == 2, where
+    # the replica says whether it already held the thread open: not on a thread's first turn, then yes
+    assert held == [(turn, "0" if turn == 0 else "1") for turn, _ in held], held
 
     # Six turns at once on one thread, once a first turn made a replica hold it. Ray learns which
     # replica holds a thread asynchronously, so a turn may still reach the other one, which refuses

@@ -21,6 +21,7 @@ import threading
 
 THREAD_HEADER = "serve_multiplexed_model_id"  # Ray Serve's routing header (the "model id")
 REPLICA_HEADER = "x-memory-replica"  # which replica answered (tests, benchmark)
+HELD_HEADER = "x-memory-held"  # "1": the thread's memory was already open on that replica (a routing hit)
 
 
 def load(loader: str | None, model: str | None):
@@ -118,7 +119,8 @@ def deployment(
 
 class _Route:
     """Registers the request's thread with Ray's multiplexing LRU (so the router sends its next
-    turns here) and names the replica in a response header."""
+    turns here) and names the replica in a response header, with whether the thread's memory was
+    already open here when the request came (a turn that found its thread open, the routing's hit)."""
 
     def __init__(self, app, server):
         self.app, self.server = app, server
@@ -129,13 +131,15 @@ class _Route:
         from ray import serve
 
         thread = serve.get_multiplexed_model_id()
+        held = b"1" if thread and self.server.pool.holds(thread) else b"0"
         if thread:
             await self.server.hold(thread)
         name = self.server.name.encode()
 
         async def named(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER.encode(), name)]}
+                extra = [(REPLICA_HEADER.encode(), name), (HELD_HEADER.encode(), held)]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         await self.app(scope, receive, named)
