@@ -3,11 +3,15 @@
 
 Each mode runs in its own process (its own RSS). Reported per mode: peak RSS beyond the model
 (sampled every 20 ms while the history is ingested and questions are answered), the passkey answer,
-whether greedy answers to a few prompts equal the all-in-RAM ones, per-turn latency, bytes on disk
-per token, save and load time.
+whether greedy answers to a few prompts equal the all-in-RAM float32 ones, per-turn latency, bytes
+on disk per token and where they go (:func:`account`), save and load time. A mode is
+``<place>[_<kv>]``: ``ram``, ``open`` (a durable directory, no budget) or ``budget``, with
+``float32``, ``bf16`` or ``int8`` block KV (none given: the config's default).
 
-    python benchmarks/persistence.py --tokens 262144 --budget-mb 1024      # the issue's setting
+    python benchmarks/persistence.py --tokens 262144 --budget-mb 1024 --modes ram budget   # the issue's setting
     python benchmarks/persistence.py --tokens 32768 --budget-mb 700        # quick: most blocks on disk
+    python benchmarks/persistence.py --tokens 16384 --modes ram_float32 ram_int8 open_int8 budget_int8
+    python benchmarks/persistence.py --account DIR                         # where a directory's bytes go
 
 The budget must exceed the fixed part (local window and init tokens of every layer, a second window
 set for compaction, one gathered selection, one shard being written: about 600 MB with the default
@@ -20,6 +24,8 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,7 +37,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from passkey import _rss_mb, _turn_latency, _turn_message  # noqa: E402
 
-MODES = ("ram", "budget", "budget_int8")
+PLACES = ("ram", "open", "budget")  # all in RAM; ContextMemory.open(dir) without a budget; with one
+KV = {"": None, "_float32": "none", "_bf16": "bf16", "_int8": "int8"}  # "": the config's default
+MODES = tuple(p + k for p in PLACES for k in KV)
+"""``<place>[_<kv>]``: where the memory lives, and its ``kv_quantization`` (none given: the default)."""
+
+
+def _place_kv(mode: str) -> tuple[str, str | None]:
+    place, _, kv = mode.partition("_")
+    return place, KV[f"_{kv}" if kv else ""]
 PROMPTS = ("\nThe first thing the history says is", "\nSummary of the history so far:", "\nThe grass is")
 
 
@@ -58,6 +72,117 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _safetensors_parts(path: Path, kinds) -> dict[str, int]:
+    """Bytes of a safetensors file by kind of tensor (``kinds(name)``), plus its header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out = {"header": 8 + n}
+    for name, meta in header.items():
+        if name != "__metadata__":
+            lo, hi = meta["data_offsets"]
+            out[kinds(name)] = out.get(kinds(name), 0) + hi - lo
+    return out
+
+
+def _with_wal(path: Path) -> int:
+    """Bytes of a SQLite database with its ``-wal`` and ``-shm`` files."""
+    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists())
+
+
+def _sqlite_query(path: Path, sql: str) -> list[tuple]:
+    """``sql`` on a copy of the database and its WAL (reading the directory's own files would let
+    SQLite create or checkpoint them: the accounting must not change what it measures)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for suffix in ("", "-wal"):
+            if Path(f"{path}{suffix}").exists():
+                shutil.copyfile(f"{path}{suffix}", Path(tmp) / f"db{suffix}")
+        db = sqlite3.connect(Path(tmp) / "db")
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
+
+
+def _sqlite_tables(path: Path) -> dict[str, int]:
+    """Bytes of a SQLite database by table or index (``dbstat``), FTS5 shadow tables folded into their table."""
+    out: dict[str, int] = {}
+    for name, size in _sqlite_query(path, "SELECT name, sum(pgsize) FROM dbstat GROUP BY name"):
+        key = "passages_fts" if name.startswith("passages_fts") else name
+        out[key] = out.get(key, 0) + size
+    return out
+
+
+def account(directory: Path) -> dict[str, int]:
+    """Every byte of a memory directory, by what it holds: shard tensors (``kv``, ``scale``, ``repr``,
+    their headers, and the tails of shards a rollback cut), the snapshot state (window, init, masses),
+    the log (token ids, the rest of its rows and SQLite pages, its WAL), the lexical index by table
+    (passages with their semantic vectors, the FTS5 text index), manifest and lock. The parts sum to
+    the directory's size."""
+    directory = Path(directory)
+    size_before = _dir_bytes(directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    live = {s["file"]: s for s in manifest["shards"]}
+    out: dict[str, int] = {}
+
+    def add(key: str, n: int) -> None:
+        out[key] = out.get(key, 0) + n
+
+    for f in sorted(directory.iterdir()):
+        size = f.stat().st_size
+        if f.name.startswith("blocks-"):
+            parts = _safetensors_parts(f, lambda name: name.split(".")[0])
+            s = live.get(f.name)
+            if s is None:
+                add("shard files not in the manifest", size)
+                continue
+            held = s["n"] / int(_st_meta(f)["n"])  # a rollback may have cut the shard's tail
+            for k, v in parts.items():
+                add(f"shard {k}", round(v * held) if k != "header" else v)
+                if k != "header":
+                    add("shard tails cut by a rollback", v - round(v * held))
+        elif f.name.startswith("state-"):
+            if f.name != manifest["state"]["file"]:
+                add("state files not in the manifest", size)
+                continue
+            kinds = {"win_k": "window KV", "win_v": "window KV", "init_k": "init KV", "init_v": "init KV"}
+            for k, v in _safetensors_parts(f, lambda name: kinds.get(name.split(".")[0], name.split(".")[0])).items():
+                add(f"state {k}", v)
+        elif f.name == manifest["log"]:  # with its WAL: rows not yet checkpointed are counted as rows
+            size = _with_wal(f)
+            ids = _sqlite_query(f, "SELECT coalesce(sum(length(token_ids)), 0) FROM entries")[0][0]
+            add("log token ids", ids)
+            add("log text, rows and SQLite pages", size - ids)
+        elif f.name == "index.sqlite":
+            size = _with_wal(f)
+            tables = _sqlite_tables(f)
+            for table, n in tables.items():
+                add(f"index {table}", n)
+            add("index free pages, WAL", size - sum(tables.values()))
+        elif f.name.endswith(("-wal", "-shm")) and f.name[: -4] in (manifest["log"], "index.sqlite"):
+            continue  # counted with its database
+        else:
+            add(f.name, size)
+    assert sum(out.values()) == size_before == _dir_bytes(directory), "a byte was missed, or the directory changed"
+    return out
+
+
+def _st_meta(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))["__metadata__"]
+
+
+def account_table(parts: dict[str, int], tokens: int) -> str:
+    """Markdown rows: what, bytes, bytes per token, share."""
+    total = sum(parts.values())
+    rows = ["| what | bytes | bytes / token | share |", "|---|---|---|---|"]
+    for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+        rows.append(f"| {k} | {v:,} | {v / tokens:,.1f} | {100 * v / total:.2f}% |")
+    rows.append(f"| **total** | {total:,} | **{total / tokens:,.1f}** | 100% |")
+    return "\n".join(rows)
+
+
 def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path, tune_allocator: bool = False) -> dict:
     from memory_plugin import ContextMemory, MemoryConfig, load_model
     from memory_plugin.blocks import return_freed_memory_to_os
@@ -68,13 +193,14 @@ def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path
         return_freed_memory_to_os()
     rss_model = _rss_mb()
     cfg = MemoryConfig()
-    if mode != "ram":
+    place, kv = _place_kv(mode)
+    if place == "budget":
         cfg = cfg.replace(max_resident_bytes=budget_mb * 2**20)
-    if mode == "budget_int8":
-        cfg = cfg.replace(kv_quantization="int8")
+    if kv is not None:
+        cfg = cfg.replace(kv_quantization=kv)
     store = workdir / mode
     peak = PeakRSS()
-    mem = ContextMemory(model, tok, cfg) if mode == "ram" else ContextMemory.open(store, model, tokenizer=tok, config=cfg)
+    mem = ContextMemory(model, tok, cfg) if place == "ram" else ContextMemory.open(store, model, tokenizer=tok, config=cfg)
     n_rep, key = filler_repeats(tok, tokens), passkey(4242)
     at, step = round(depth * n_rep), 100  # ~2k tokens per add, as an agent's tool outputs would come
     t = time.perf_counter()
@@ -90,7 +216,7 @@ def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path
     out = {
         "mode": mode,
         "tokens": len(mem),
-        "budget_mb": budget_mb if mode != "ram" else None,
+        "budget_mb": budget_mb if place == "budget" else None,
         "kv_quantization": cfg.kv_quantization,
         "ingest_tok_s": len(mem) / ingest_s,
         "turn_seconds": turn,
@@ -102,9 +228,10 @@ def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path
         "blocks_by_tier": mem.stats().blocks_by_tier,
     }
     out["peak_rss_beyond_model_mb"] = peak.stop() - rss_model
-    if mode != "ram":
+    if place != "ram":
         mem.close()
         out["disk_bytes_per_token"] = _dir_bytes(store) / out["tokens"]
+        out["disk_parts"] = account(store)
         t = time.perf_counter()
         loaded = ContextMemory.load(store, model, tokenizer=tok, max_resident_bytes=cfg.max_resident_bytes)
         out["load_seconds"] = time.perf_counter() - t
@@ -120,12 +247,17 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=262144)
     p.add_argument("--budget-mb", type=int, default=1024)
     p.add_argument("--depth", type=float, default=0.3, help="where the passkey sits in the history")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=["ram", "budget"], choices=MODES)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/persistence"))
     p.add_argument("--tune-allocator", action="store_true", help="set the allocator as a RAM budget does, in every mode")
+    p.add_argument("--account", type=Path, metavar="DIR", help="only print where the bytes of a memory directory go")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.account:
+        n = json.loads((a.account / "manifest.json").read_text())["n_tokens"]
+        print(account_table(account(a.account), n))
+        return
     if a.mode:
         res = run_mode(a.mode, a.tokens, a.budget_mb, a.depth, a.workdir, a.tune_allocator)
         (a.out / f"{a.mode}-{a.tokens}.json").write_text(json.dumps(res, indent=1))
@@ -144,22 +276,32 @@ def main() -> None:
 
 
 def report(out: Path, tokens: int) -> str:
+    """The modes' table, answers and turns against the all-in-RAM float32 run (else the all-in-RAM
+    default one); then, per mode with a directory, where its bytes went."""
     runs = {m: json.loads((out / f"{m}-{tokens}.json").read_text()) for m in MODES if (out / f"{m}-{tokens}.json").exists()}
-    ram = runs.get("ram")
+    base_name = next((m for m in ("ram_float32", "ram") if m in runs), None)
+    base = runs.get(base_name)
     lines = [
-        "| mode | tokens | budget | peak RSS beyond model | passkey | answers = all-in-RAM | turn s (ratio) | ingest tok/s | disk B/token | save s | load s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| mode | kv | tokens | budget | peak RSS beyond model | passkey | answers = {base_name} | turn s (ratio) | ingest tok/s "
+        "| disk B/token | save s | load s | answer after load = before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in runs.items():
-        same = "—" if m == "ram" or ram is None else ("yes" if r["answers"] == ram["answers"] and r["answer"] == ram["answer"] else "no")
-        ratio = f" ({r['turn_seconds'] / ram['turn_seconds']:.2f}x)" if ram else ""
+        same = "—" if m == base_name or base is None else ("yes" if r["answers"] == base["answers"] and r["answer"] == base["answer"] else "no")
+        ratio = f" ({r['turn_seconds'] / base['turn_seconds']:.2f}x)" if base else ""
         budget = f"{r['budget_mb']} MiB" if r["budget_mb"] else "—"
         disk = f"{r['disk_bytes_per_token']:.0f}" if "disk_bytes_per_token" in r else "—"
+        after = "—" if "answer_after_load" not in r else ("yes" if r["answer_after_load"] == r["answer"] else "no")
         lines.append(
-            f"| {m} | {r['tokens']} | {budget} | {r['peak_rss_beyond_model_mb']:.0f} MiB | {'✓' if r['correct'] else '✗'} {r['answer'].strip()!r} "
+            f"| {m} | {r['kv_quantization']} | {r['tokens']} | {budget} | {r['peak_rss_beyond_model_mb']:.0f} MiB "
+            f"| {'✓' if r['correct'] else '✗'} {r['answer'].strip()!r} "
             f"| {same} | {r['turn_seconds']:.2f}{ratio} | {r['ingest_tok_s']:.0f} | {disk} "
-            f"| {r.get('save_seconds', float('nan')):.1f} | {r.get('load_seconds', float('nan')):.1f} |"
+            f"| {r.get('save_seconds', float('nan')):.1f} | {r.get('load_seconds', float('nan')):.1f} | {after} |"
         )
+    for m, r in runs.items():
+        if "disk_parts" in r:
+            lines += ["", f"**{m}** ({r['kv_quantization']}, {r['tokens']} tokens): where the directory's bytes go", ""]
+            lines.append(account_table(r["disk_parts"], r["tokens"]))
     return "\n".join(lines)
 
 

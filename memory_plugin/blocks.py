@@ -131,7 +131,8 @@ class BlockStore:
         if self._pin:
             enc = {k: t.pin_memory() for k, t in enc.items()}
         blocks = self.layers[layer]
-        blocks.append(enc, repr_key.to(self.compute_device))
+        # rounded as the codec stores reprs, so a memory read back from disk selects alike
+        blocks.append(enc, self.codec.round_reprs(repr_key[None])[0].to(self.compute_device))
         self.ram.hold((layer, len(blocks) - 1), enc)
         if layer == len(self.layers) - 1:
             self._enforce_budget()
@@ -146,7 +147,7 @@ class BlockStore:
         while self.disk is not None and self.persisted < n:
             first, last = self.persisted, min(n, self.persisted + SHARD_BLOCKS)
             encs = [[self.stored(i, b) for b in range(first, last)] for i in range(len(self.layers))]
-            written.append(self.disk.write(first, encs, [layer.reprs[first:last].cpu() for layer in self.layers]))
+            written.append(self.disk.write(first, encs, [self.stored_reprs(i, first, last) for i in range(len(self.layers))]))
             del encs
             for i, layer in enumerate(self.layers):
                 for b in range(first, last):
@@ -240,6 +241,10 @@ class BlockStore:
             return self.codec.encode(torch.zeros(shape, dtype=self.codec.dtype))
         return self._encoded(layer, b)
 
+    def stored_reprs(self, layer: int, first: int, last: int) -> dict:
+        """Representative keys of blocks ``[first, last)`` of ``layer`` encoded as stored, for writing out."""
+        return self.codec.encode_reprs(self.layers[layer].reprs[first:last].cpu())
+
     def is_cold(self, b: int, layer: int = 0) -> bool:
         """Block ``b`` is in the cold tier with no KV at hand (only vectors and representative keys)."""
         return b in self.cold and self.layers[layer].kv[b] is None
@@ -272,7 +277,7 @@ class BlockStore:
         n = self.disk.n_blocks
         for i, layer in enumerate(self.layers):
             if n:
-                layer.set_reprs(self.disk.read_reprs(i))
+                layer.set_reprs(self.disk.read_reprs(i, self.codec.decode_reprs))
             layer.kv = [None] * n
         if resident:
             for i in range(len(self.layers)):

@@ -14,6 +14,24 @@ A memory directory holds::
 
 Loading takes the snapshot and shards named by the manifest and re-encodes the log entries that
 came after the snapshot, so a process killed at any moment loses nothing it acknowledged.
+
+The files, format 3 (:data:`FORMAT_VERSION`; a manifest of a newer version is refused with a
+:class:`MemoryFormatError` naming it, older ones are read as written):
+
+* a shard (safetensors; metadata ``first``, ``n``) holds per memory layer ``l``: ``kv.l``
+  ``[n, 2, Hkv, block_size, D]`` as the KV codec stores it (float32 for "none", bfloat16 for
+  "bf16", int8 for "int8" with ``scale.l`` ``[n, 2, Hkv, 1, D]`` float16: one per channel of a
+  block), and the representative keys ``repr.l`` ``[n, H, D]`` (int8 for "int8", with
+  ``repr_scale.l`` ``[n, H, 1]`` float16; as computed otherwise). A rollback may leave a tail of a
+  shard's last blocks that the manifest's ``n`` excludes;
+* a state file holds per layer ``init_k.l``/``init_v.l`` ``[Hkv, init_len, D]``, ``win_k.l``/
+  ``win_v.l`` ``[Hkv, window, D]`` (the local window, never quantised: it is attended exactly),
+  ``init_mass.l``/``win_mass.l`` ``[H, n]`` (attention mass that picks representative keys) and
+  ``q_sum.l``; ``window_k.i``/``window_v.i`` for sliding-window layers; ``cold.b`` the memory
+  vectors of cold block ``b``; its metadata ``layout`` is the context's :class:`~memory_plugin.context.Layout` as JSON;
+* the log's ``entries`` rows hold ``token_ids`` as little-endian int32.
+
+Bytes per token on the embedded model and where they go: docs/BENCHMARKS.md, section 6.
 """
 
 from __future__ import annotations
@@ -36,7 +54,15 @@ from .config import MemoryConfig
 from .history import spans
 from .loading import model_fingerprint  # noqa: F401  (its old home: re-exported)
 
-FORMAT_VERSION = 2  # 2: the manifest names its log (forget writes a new one); 1 is read as log.sqlite
+FORMAT_VERSION = 3
+"""Layout history; every older layout is read as it was written:
+
+* 1: the log is ``log.sqlite``;
+* 2: the manifest names its log (a forget commits a new one);
+* 3: with ``kv_quantization="int8"``, KV scales in float16 (were float32) and representative keys
+  in int8 with a float16 scale per block and head (were as computed, float32): 900 -> 319 bytes
+  per token of blocks on the embedded model (docs/BENCHMARKS.md, section 6). A shard without ``repr_scale.l`` holds reprs as computed,
+  so a memory opened from format 2 keeps its old shards and writes new ones in format 3."""
 # Config fields added after format 1 was first written, with the value that reproduces how a memory
 # saved without them was built (a newer default must not silently change an old memory).
 _CONFIG_BEFORE_FIELD = {"relevance": "dot"}
@@ -356,7 +382,7 @@ def write_copy(directory: Path, ctx, history, config, fingerprint: str, model_na
         for first in range(0, len(store), per_shard):
             ids = range(first, min(first + per_shard, len(store)))
             encs = [[store.stored(i, b) for b in ids] for i in range(len(store.layers))]
-            shards.write(first, encs, [layer.reprs[first : ids[-1] + 1].cpu() for layer in store.layers])
+            shards.write(first, encs, [store.stored_reprs(i, first, ids[-1] + 1) for i in range(len(store.layers))])
         name, state = write_state(directory, ctx)
         manifest = Manifest(
             fingerprint,

@@ -3,7 +3,9 @@ saved memory's other files) are made with.
 
 Shapes: a shard holds, per layer ``l``, tensors ``kv.l`` ``[n, ...]`` (and ``scale.l`` for int8),
 block ``first + i`` at index ``i`` as encoded by the KV codec (:mod:`~memory_plugin.policies`),
-and ``repr.l`` ``[n, H, D]``; its metadata says ``first`` and ``n``.
+and the blocks' representative keys ``repr.l`` ``[n, H, D]`` as the codec encodes them (int8:
+``repr.l`` in int8 and ``repr_scale.l`` ``[n, H, 1]``, since format 3); its metadata says
+``first`` and ``n``.
 """
 
 from __future__ import annotations
@@ -63,13 +65,15 @@ class ShardSet:
         """Bytes of the shard files (a truncated shard's file keeps its ignored tail)."""
         return sum(s.nbytes for s in self.shards)
 
-    def write(self, first: int, blocks: list[list[dict]], reprs: list[torch.Tensor]) -> ShardInfo:
-        """Write blocks ``first..`` (``blocks[layer][i]`` encoded, ``reprs[layer]`` ``[n, H, D]``)."""
+    def write(self, first: int, blocks: list[list[dict]], reprs: list[dict]) -> ShardInfo:
+        """Write blocks ``first..`` (``blocks[layer][i]`` encoded, ``reprs[layer]`` the encoded
+        ``[n, H, D]`` representative keys: ``{"repr": ...}`` and the codec's other tensors)."""
         tensors = {}
         for layer, (encs, rep) in enumerate(zip(blocks, reprs)):
             for name in encs[0]:
                 tensors[f"{name}.{layer}"] = [e[name] for e in encs]  # stacked as written, never copied
-            tensors[f"repr.{layer}"] = rep
+            for name, t in rep.items():
+                tensors[f"{name}.{layer}"] = t
         # Unique names: a file is never rewritten, so a manifest never points at a changed file.
         name = f"{self.prefix}-{first:08d}-{len(blocks[0]):06d}-{os.urandom(3).hex()}.safetensors"
         sha, size = write_safetensors(self.dir / name, tensors, {"first": str(first), "n": str(len(blocks[0]))})
@@ -116,14 +120,22 @@ class ShardSet:
             out[name] = torch.frombuffer(buf, dtype=dtype).view(shape[1:])
         return out
 
-    def read_reprs(self, layer: int) -> torch.Tensor:
+    def read_reprs(self, layer: int, decode) -> torch.Tensor:
+        """Representative keys of every block of ``layer``, ``[n_blocks, H, D]``: each shard's
+        ``repr.l`` and ``repr_scale.l`` (when written) through ``decode(dict) -> tensor`` (shards of
+        one memory may differ: those written before format 3 hold reprs as computed)."""
         parts = []
         for s in self.shards:
             header, start, fd = self._header(s.file)
-            meta = header[f"repr.{layer}"]
-            lo, hi = meta["data_offsets"]
-            buf = bytearray(os.pread(fd, hi - lo, start + lo))
-            parts.append(torch.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).view(meta["shape"])[: s.n])
+            enc = {}
+            for name in ("repr", "repr_scale"):
+                meta = header.get(f"{name}.{layer}")
+                if meta is None:
+                    continue
+                lo, hi = meta["data_offsets"]
+                buf = bytearray(os.pread(fd, hi - lo, start + lo))
+                enc[name] = torch.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).view(meta["shape"])[: s.n]
+            parts.append(decode(enc))
         return torch.cat(parts) if parts else None
 
     def truncate(self, n: int) -> list[str]:

@@ -53,7 +53,7 @@ def test_block_positions():
 N = 2 * HKV * BS * D  # values in a block
 
 
-SCALES = 4 * 2 * HKV * D  # int8: one float32 scale per channel
+SCALES = 2 * 2 * HKV * D  # int8: one float16 scale per channel (format 3)
 
 
 @pytest.mark.parametrize("kind, nbytes, atol", [("none", 4 * N, 0), ("bf16", 2 * N, 2e-2), ("int8", N + SCALES, 3e-2)])
@@ -67,6 +67,34 @@ def test_codecs_round_trip_in_their_size(kind, nbytes, atol):
     assert many.shape == (2, 2, HKV, BS, D) and torch.equal(many[0], codec.decode(enc))
     with pytest.raises(ValueError, match="kv_quantization must be one of"):
         BlockCodec("fp4", torch.float32)
+
+
+@pytest.mark.parametrize("kind, nbytes", [("none", 4 * H * D), ("bf16", 4 * H * D), ("int8", H * D + 2 * H)])
+def test_reprs_are_stored_in_their_size_and_round_as_they_read_back(kind, nbytes):
+    codec = BlockCodec(kind, torch.float32)
+    reprs = torch.randn(5, H, D)
+    reprs[2, 1] = 0  # a head whose keys are all zero keeps a usable (nonzero) scale
+    enc = codec.encode_reprs(reprs)
+    assert sum(t.numel() * t.element_size() for t in enc.values()) == 5 * nbytes
+    back = codec.decode_reprs(enc)
+    assert back.dtype == torch.float32 and torch.isfinite(back).all() and torch.equal(back[2, 1], reprs[2, 1])
+    # within half a step of each head's own scale (int8), so a small head is not drowned by a large one
+    step = reprs.abs().amax(dim=-1, keepdim=True) / 127
+    assert ((back - reprs).abs() <= step * (0.5 + 1e-3)).all()
+    # what selection scans in RAM is exactly what a memory read back from disk scans
+    rounded = codec.round_reprs(reprs)
+    assert torch.equal(codec.decode_reprs(codec.encode_reprs(rounded)), rounded) and torch.equal(rounded, back)
+
+
+def test_int8_scales_stay_inside_float16():
+    codec = BlockCodec("int8", torch.float32)
+    kv = torch.zeros(2, HKV, BS, D)
+    kv[0, 0, :, 0] = 1e8  # saturates float16's scale range: still finite, still the largest value
+    kv[1, 0, :, 1] = 1e-9  # below float16's smallest scale: read back as (nearly) zero, not inf or nan
+    enc = codec.encode(kv)
+    assert enc["scale"].dtype == torch.float16 and torch.isfinite(enc["scale"]).all() and (enc["scale"] > 0).all()
+    back = codec.decode(enc)
+    assert torch.isfinite(back).all() and back[1, 0, :, 1].abs().max() < 1e-6 and back[0, 0, 0, 0] > 8e6
 
 
 def test_cold_modes_say_what_a_cold_block_gives_attention():
