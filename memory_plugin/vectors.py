@@ -1,17 +1,25 @@
 """Memory vectors ("cramming", Kuratov et al. 2025): a frozen causal LM reproduces a text exactly
 when a few trained input-embedding vectors are put in front of it.
 
+Shapes: a segment is ``n`` token ids; its vectors are ``[n_vectors, hidden]``; a batch trains
+``vectors [b, n_vectors, hidden]`` on ``targets [b, n_max]`` (padding is ``-100``).
+
 The vectors for a segment are found by per-sample optimisation: prepend ``n_vectors`` trainable
 embeddings, run the frozen model over ``[vectors, tokens[:-1]]`` and minimise next-token
-cross-entropy on ``tokens``. Success means *exact greedy reconstruction*, verified by decoding:
-teacher-forced accuracy below 100% can decode to garbage (Tarasov et al., Progressive Cramming).
+cross-entropy on ``tokens``. Success means *exact greedy reconstruction*: teacher-forced accuracy
+below 100% can decode to garbage (Tarasov et al., Progressive Cramming), so the default stopping
+rule greedy-decodes every live segment from its vectors, in the model's own precision, every
+``check_every`` steps, and a segment stops only when that gives its tokens back.
 
 Two recipes:
 
-* :data:`PAPER_RECIPE`: AdamW lr 1e-2, betas (0.9, 0.9), weight decay 0.01, one segment at a time;
-* :data:`FAST_RECIPE` (default): lr 0.1 with linear warm-up and cosine decay, gradient clipping,
-  many segments in one batch each with its own vectors, converged segments frozen and dropped
-  from the batch (the speed-ups of the Progressive Cramming follow-up).
+* :data:`PAPER_RECIPE`: AdamW lr 1e-2, betas (0.9, 0.9), weight decay 0.01, float32, one segment
+  at a time, stopping when teacher-forced accuracy reaches 1.0 (Kuratov et al.);
+* :data:`FAST_RECIPE` (default): bf16 autocast through the frozen model where bf16 is fast (the
+  vectors and the optimiser state stay float32), many segments per batch, each with its own vectors, its own loss
+  and gradient clipping (no segment slows another) and its own stopping; a segment that decodes
+  exactly is frozen and leaves the batch, the batch ends when all have or at ``max_steps``.
+  Learning rate and schedule: the measured best (docs/BENCHMARKS.md, memory vectors).
 
 Example:
     >>> vecs = cram(model, token_ids, n_vectors=1)  # doctest: +SKIP
@@ -31,18 +39,61 @@ import torch.nn.functional as F
 
 from .loading import model_fingerprint
 
+STOPPING_RULES = ("greedy", "teacher_forced")
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """Optimisation settings for cramming."""
+    """Optimisation settings for cramming.
+
+    ``stop``: ``"greedy"`` (a segment is done when greedy decoding from its vectors, checked every
+    ``check_every`` steps, gives its tokens back) or ``"teacher_forced"`` (the paper's: when the
+    argmax under teacher forcing is right at every position; verified by decoding afterwards).
+    ``progressive``: 0 trains on the whole segment from the first step; ``p > 0`` trains on its first
+    ``p`` tokens and adds ``p`` more each time those are right under teacher forcing (progressive
+    lengthening). ``bf16``: autocast the frozen model's forward and backward to bfloat16; None (the
+    default) does where bf16 matrix products are fast: CUDA, or a CPU with AMX or AVX512-BF16 (on an
+    AVX2-only CPU a bf16 linear layer is ~4.5x *slower* than float32, docs/BENCHMARKS.md section 7).
+
+    >>> Recipe(lr=0.1, warmup_steps=10, cosine=True).lr_at(0, 100)
+    0.01
+    >>> round(Recipe(lr=0.1, warmup_steps=0, cosine=True).lr_at(100, 100), 6)  # cosine ends at a tenth
+    0.01
+    >>> Recipe(stop="perplexity")
+    Traceback (most recent call last):
+    ...
+    ValueError: Recipe.stop must be one of ('greedy', 'teacher_forced'), got 'perplexity'
+    """
 
     lr: float = 0.1
     betas: tuple[float, float] = (0.9, 0.9)
     weight_decay: float = 0.01
     warmup_steps: int = 20
     cosine: bool = True
-    clip_norm: float | None = 1.0
+    clip_norm: float | None = 1.0  # per segment
     batch_size: int = 16  # segments optimised together, each with its own vectors
+    bf16: bool | None = None
+    stop: str = "greedy"
+    check_every: int = 10
+    progressive: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"Recipe.lr must be > 0, got {self.lr!r}")
+        for name in ("batch_size", "check_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Recipe.{name} must be an int >= 1, got {v!r}")
+        for name in ("warmup_steps", "progressive"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Recipe.{name} must be an int >= 0, got {v!r}")
+        if self.bf16 not in (None, True, False):
+            raise ValueError(f"Recipe.bf16 must be True, False or None (where fast), got {self.bf16!r}")
+        if self.stop not in STOPPING_RULES:
+            raise ValueError(f"Recipe.stop must be one of {STOPPING_RULES}, got {self.stop!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"Recipe.clip_norm must be > 0 or None, got {self.clip_norm!r}")
 
     def lr_at(self, step: int, max_steps: int) -> float:
         if step < self.warmup_steps:
@@ -53,7 +104,19 @@ class Recipe:
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-PAPER_RECIPE = Recipe(lr=1e-2, warmup_steps=0, cosine=False, clip_norm=None, batch_size=1)
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products beat float32 on ``device``: CUDA, or a CPU with AMX tiles
+    or AVX512-BF16 instructions (torch's own probes)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+PAPER_RECIPE = Recipe(
+    lr=1e-2, warmup_steps=0, cosine=False, clip_norm=None, batch_size=1, bf16=False, stop="teacher_forced"
+)
 FAST_RECIPE = Recipe()
 
 
@@ -138,9 +201,10 @@ def cram_many(
     progress=None,
     should_stop=None,
 ) -> list[MemoryVectors]:
-    """Train memory vectors for each token segment; converged segments are frozen and leave the
-    batch. A segment is ``exact`` only if greedy decoding from its vectors was checked to give it
-    back. ``progress``: an optional callable ``(done, total)``; ``should_stop``: an optional
+    """Train memory vectors for each token segment, ``recipe.batch_size`` segments at a time; a
+    segment that meets ``recipe.stop`` is frozen and leaves its batch. A segment is ``exact`` only
+    if greedy decoding from its vectors (one at a time, as :func:`decode`) was checked to give it
+    back (``verify``). ``progress``: an optional callable ``(done, total)``; ``should_stop``: an optional
     callable checked every step: when it returns True, unfinished segments end as not exact."""
     if isinstance(n_vectors, bool) or not isinstance(n_vectors, int) or n_vectors < 1:
         raise ValueError(f"n_vectors must be a positive int, got {n_vectors!r}")
@@ -180,14 +244,25 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
     with torch.no_grad():
         tok_emb = embed(targets.clamp(min=0))  # [b, n_max, d]; padding rows are masked below
         std = embed.weight.float().std()
-    vectors = (torch.randn(b, k, embed.weight.shape[1], device=dev) * std).requires_grad_(True)
+    vectors = (torch.randn(b, k, embed.weight.shape[1], device=dev) * std).requires_grad_(True)  # float32 always
     opt = torch.optim.AdamW([vectors], lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     lengths = torch.tensor([len(s) for s in segs], device=dev)
+    # Tokens each segment trains on now: all of them, or a prefix that grows (progressive lengthening).
+    trained = lengths.clone() if recipe.progressive == 0 else lengths.clamp(max=recipe.progressive)
+    positions = torch.arange(n_max, device=dev)
     active = torch.ones(b, dtype=torch.bool, device=dev)
-    final = torch.zeros_like(vectors, requires_grad=False)  # vectors of converged segments, frozen
+    final = torch.zeros_like(vectors, requires_grad=False)  # vectors of finished segments, frozen
     steps = [max_steps] * b
     seconds = [0.0] * b
+    bf16 = fast_bf16(dev) if recipe.bf16 is None else recipe.bf16
     t0 = time.perf_counter()
+
+    def finish(rows: list[int], step: int) -> None:
+        for j in rows:
+            final[j] = vectors[j].detach()
+            active[j] = False
+            steps[j], seconds[j] = step + 1, time.perf_counter() - t0
+
     for step in range(max_steps):
         live = active.nonzero().flatten()
         if len(live) == 0 or (should_stop is not None and should_stop()):
@@ -197,31 +272,63 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
         n = int(lengths[live].max())
         inputs = torch.cat([vectors[live].to(dtype), tok_emb[live, : n - 1]], dim=1)  # token i from position k-1+i
         mask = torch.arange(k + n - 1, device=dev)[None, :] < (k - 1 + lengths[live])[:, None]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(inputs_embeds=inputs, attention_mask=mask.long()).logits[:, k - 1 :]
-        tgt = targets[live, :n]
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        tgt = targets[live, :n].masked_fill(positions[None, :n] >= trained[live, None], -100)
+        # Each segment's own mean loss, summed: a segment's gradient does not depend on the others.
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), tgt, ignore_index=-100, reduction="none")
+        loss = (per_token.sum(1) / (tgt != -100).sum(1).clamp(min=1)).sum()
         with torch.no_grad():
-            done = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(dim=1)
-            for j in live[done].tolist():  # all tokens right under teacher forcing: freeze these values
-                final[j] = vectors[j]
-                active[j] = False
-                steps[j], seconds[j] = step, time.perf_counter() - t0
+            right = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(dim=1)  # under teacher forcing
+            whole = trained[live] == lengths[live]
+            if recipe.progressive:  # a learnt prefix grows
+                grow = live[right & ~whole]
+                trained[grow] = (trained[grow] + recipe.progressive).clamp(max=lengths[grow])
+            if recipe.stop == "teacher_forced":
+                finish(live[right & whole].tolist(), step)
+            elif (step + 1) % recipe.check_every == 0 or step == max_steps - 1:
+                check = live[whole]
+                if len(check):
+                    finish(check[_decodes_exactly(model, vectors[check].detach(), targets[check])].tolist(), step)
         if not active.any():
             break
         # Gradients for the vectors only: the model's weights stay frozen and untouched (no .grad
         # written on a user's model), and their gradients are not computed at all.
         (vectors.grad,) = torch.autograd.grad(loss, vectors)
-        if recipe.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_([vectors], recipe.clip_norm)
+        if recipe.clip_norm is not None:  # per segment
+            norms = vectors.grad.flatten(1).norm(dim=1).clamp(min=1e-12)
+            vectors.grad.mul_((recipe.clip_norm / norms).clamp(max=1.0)[:, None, None])
         opt.step()
     now = time.perf_counter() - t0
     out = []
     for i, s in enumerate(segs):
-        converged = not bool(active[i])
-        tensor = (final[i] if converged else vectors[i]).detach().clone()
-        out.append(MemoryVectors(tensor, len(s), converged, steps[i], seconds[i] if converged else now))
+        done = not bool(active[i])
+        tensor = (final[i] if done else vectors[i]).detach().clone()
+        out.append(MemoryVectors(tensor, len(s), done, steps[i], seconds[i] if done else now))
     return out
+
+
+@torch.no_grad()
+def _decodes_exactly(model, vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding, batched, from ``vectors [b, k, hidden]`` alone, in the model's own precision:
+    ``[b]`` bool, True where it gives back ``targets [b, n]`` (padding ``-100``) token for token.
+    While a row agrees, feeding its target is feeding its greedy token; decoding stops as soon as no
+    row still agrees with tokens left to check."""
+    from transformers import DynamicCache
+
+    embed = model.get_input_embeddings()
+    cache = DynamicCache(config=model.config)
+    x = vectors.to(embed.weight.dtype)
+    ok = torch.ones(len(targets), dtype=torch.bool, device=targets.device)
+    left = (targets != -100).sum(1)
+    for i in range(targets.shape[1]):
+        logits = model(inputs_embeds=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        tgt = targets[:, i]
+        ok &= (logits.argmax(-1) == tgt) | (tgt == -100)
+        if not (ok & (left > i + 1)).any():
+            break
+        x = embed(tgt.clamp(min=0))[:, None]
+    return ok
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from memory_plugin import testing
+from memory_plugin import vectors as mv
 from memory_plugin.vectors import (
     FAST_RECIPE,
     PAPER_RECIPE,
@@ -66,9 +67,91 @@ def test_paper_recipe_is_the_papers_settings():
     assert (PAPER_RECIPE.lr, PAPER_RECIPE.betas, PAPER_RECIPE.weight_decay, PAPER_RECIPE.batch_size) == (
         1e-2, (0.9, 0.9), 0.01, 1,
     )  # fmt: skip
+    assert (PAPER_RECIPE.bf16, PAPER_RECIPE.stop) == (False, "teacher_forced")
+    assert (FAST_RECIPE.bf16, FAST_RECIPE.stop) == (None, "greedy") and FAST_RECIPE.batch_size > 1
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_by_default_only_where_the_cpu_makes_it_fast(model, monkeypatch, amx):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    dtypes = set()
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    try:
+        cram(model, [17, 42], n_vectors=2, max_steps=3, verify=False)
+    finally:
+        hook.remove()
+    assert dtypes == ({torch.bfloat16, torch.float32} if amx else {torch.float32})  # float32: the greedy checks
     assert FAST_RECIPE.lr_at(0, 100) < FAST_RECIPE.lr_at(FAST_RECIPE.warmup_steps, 100)
     assert FAST_RECIPE.lr_at(99, 100) < FAST_RECIPE.lr
     assert PAPER_RECIPE.lr_at(0, 100) == PAPER_RECIPE.lr_at(99, 100) == 1e-2
+
+
+def test_a_segment_stops_at_the_first_greedy_check_that_decodes_it(model):
+    r = Recipe(batch_size=2, check_every=7)
+    easy, hard = [5], [3, 9, 27, 81, 243, 100, 200, 150]
+    e, h = cram_many(model, [easy, hard], n_vectors=1, max_steps=70, recipe=r)
+    assert e.exact and e.steps < 70 and e.steps % 7 == 0  # stopped early, at a check
+    assert not h.exact and h.steps == 70
+
+
+def test_the_stopping_rule_is_greedy_decoding_not_teacher_forcing(model, monkeypatch):
+    seen = []
+
+    def never(model, vectors, targets):  # decoding disagrees, whatever teacher forcing says
+        seen.append(len(targets))
+        return torch.zeros(len(targets), dtype=torch.bool)
+
+    monkeypatch.setattr(mv, "_decodes_exactly", never)
+    r = Recipe(batch_size=2, check_every=10)
+    out = cram_many(model, [[5], [6]], n_vectors=1, max_steps=60, recipe=r)
+    assert all(not v.exact and v.steps == 60 for v in out)
+    assert seen == [2] * 6  # both live segments, batched, every 10 steps
+
+    def always(model, vectors, targets):
+        return torch.ones(len(targets), dtype=torch.bool)
+
+    monkeypatch.setattr(mv, "_decodes_exactly", always)
+    monkeypatch.setattr(mv, "greedy_decode", lambda m, v, n: [3, 9, 27, 81, 243, 100, 200, 150][:n])
+    (v,) = cram_many(model, [[3, 9, 27, 81, 243, 100, 200, 150]], n_vectors=1, max_steps=60, recipe=r)
+    assert v.exact and v.steps == 10  # stopped at the first check, far from teacher-forced accuracy 1.0
+
+
+def test_batched_greedy_check_is_greedy_decoding(model):
+    torch.manual_seed(0)
+    vecs = torch.randn(3, 2, model.config.hidden_size) * 0.05
+    decoded = [greedy_decode(model, v, 5) for v in vecs]
+    targets = torch.tensor([decoded[0], decoded[1][:4] + [(decoded[1][4] + 1) % 300], [(decoded[2][0] + 1) % 300] + decoded[2][1:]])
+    assert mv._decodes_exactly(model, vecs, targets).tolist() == [True, False, False]
+    short = torch.tensor([decoded[0][:2] + [-100] * 3])  # padding is not checked
+    assert mv._decodes_exactly(model, vecs[:1], short).tolist() == [True]
+
+
+def test_the_bf16_path_runs_the_model_in_bf16_and_its_vectors_decode_exactly_in_float32(model):
+    dtypes = set()
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    try:
+        out = cram_many(model, [[17, 42], [8]], n_vectors=2, max_steps=300, recipe=Recipe(bf16=True, batch_size=2))
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in dtypes and model.dtype == torch.float32
+    assert all(v.exact and v.tensor.dtype == torch.float32 for v in out)
+    assert [greedy_decode(model, v.tensor, v.n_tokens) for v in out] == [[17, 42], [8]]  # float32 decoding
+
+
+def test_the_paper_recipe_runs_in_float32_and_stops_on_teacher_forced_accuracy(model):
+    dtypes = set()
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    try:
+        v = cram(model, [17, 42], n_vectors=2, max_steps=300, recipe=PAPER_RECIPE)
+    finally:
+        hook.remove()
+    assert dtypes == {torch.float32} and v.exact and v.steps < 300
+
+
+def test_progressive_lengthening_reaches_the_whole_segment(model):
+    v = cram(model, [17, 42], n_vectors=2, max_steps=300, recipe=Recipe(progressive=1, batch_size=1))
+    assert v.exact and greedy_decode(model, v.tensor, 2) == [17, 42]
 
 
 def test_save_load_round_trip_and_refusal_with_another_model(model, tmp_path):
@@ -91,6 +174,14 @@ def test_bad_arguments(model, tmp_path):
         cram(model, [])
     with pytest.raises(ValueError, match="max_steps"):
         cram(model, [1], max_steps=0)
+    with pytest.raises(ValueError, match="Recipe.stop"):
+        Recipe(stop="loss")
+    with pytest.raises(ValueError, match="Recipe.check_every"):
+        Recipe(check_every=0)
+    with pytest.raises(ValueError, match="Recipe.progressive"):
+        Recipe(progressive=-1)
+    with pytest.raises(ValueError, match="Recipe.bf16"):
+        Recipe(bf16="yes")
     (tmp_path / "x.safetensors").write_bytes(b"nope")
     with pytest.raises(Exception):
         MemoryVectors.load(tmp_path / "x.safetensors")
