@@ -6,6 +6,8 @@ text is the same vocabulary shuffled. Success is exact greedy reconstruction, ve
 
     python benchmarks/cramming.py capacity --vectors 1 2 4 8 --segments 20 --max-steps 2000
     python benchmarks/cramming.py cost --length 32 --segments 8
+    python benchmarks/cramming.py compare --length 16 --segments 8 --budget-s 420 --paper-budget-s 300
+    python benchmarks/cramming.py steps      # seconds per optimisation step, float32 against bf16
     python benchmarks/cramming.py bytes
     python benchmarks/cramming.py cold --facts 5     # a fact in a cold block: rehydrate vs gist vs drop
 """
@@ -100,6 +102,88 @@ def cost(model, tok, length: int, n: int, max_steps: int) -> list[dict]:
     return rows
 
 
+def exact_prefix(model, vecs, ids: list[int]) -> int:
+    """Tokens greedy decoding from ``vecs`` gets right before its first mistake: the first
+    teacher-forced argmax miss (while decoding agrees, its inputs are the segment's tokens), float32."""
+    import torch
+
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        x = torch.cat([vecs.tensor[None].to(embed.weight.dtype), embed(torch.tensor([ids[:-1]]))], dim=1)
+        pred = model(inputs_embeds=x).logits[0, vecs.n_vectors - 1 :].argmax(-1).tolist()
+    return next((i for i, (p, t) in enumerate(zip(pred, ids)) if p != t), len(ids))
+
+
+def compare(model, tok, length: int, n: int, max_steps: int, budget_s: float, paper_budget_s: float, lrs) -> dict:
+    """Seconds per exact segment on the same ``n`` segments: ours (batched, greedy-decoding stop, lr
+    schedule), then the paper's recipe (float32, one at a time, lr 1e-2, teacher-forced stop). Each
+    has a wall-clock budget; segments the paper's recipe did not reach are reported as not run."""
+    from dataclasses import replace
+
+    from memory_plugin.vectors import FAST_RECIPE, PAPER_RECIPE, cram_many
+
+    segs = segments(tok, "natural", length, n, seed=1)
+    out = {"length": length, "segments": n, "max_steps": max_steps, "runs": []}
+    plans = [(f"ours lr {lr}", replace(FAST_RECIPE, lr=lr, batch_size=n), budget_s / len(lrs)) for lr in lrs]
+    plans.append(("paper", PAPER_RECIPE, paper_budget_s))
+    for name, recipe, budget in plans:
+        torch_seed(0)
+        t = time.perf_counter()
+        deadline = t + budget
+        res = cram_many(model, segs, n_vectors=1, max_steps=max_steps, recipe=recipe,
+                        should_stop=lambda: time.perf_counter() > deadline)  # fmt: skip
+        secs = time.perf_counter() - t
+        exact = sum(r.exact for r in res)
+        run = [r for r in res if r.steps > 0]
+        row = {
+            "recipe": name,
+            "lr": recipe.lr,
+            "batch_size": recipe.batch_size,
+            "stop": recipe.stop,
+            "budget_s": budget,
+            "seconds": secs,
+            "segments_run": len(run),
+            "exact": exact,
+            "seconds_per_exact": secs / exact if exact else None,
+            "steps": [r.steps for r in res],
+            "exact_each": [r.exact for r in res],
+            "exact_prefix": [exact_prefix(model, r, sg) if r.steps else None for r, sg in zip(res, segs)],
+            "seconds_per_step": secs / max(1, max(r.steps for r in res)) if recipe.batch_size > 1 else secs / max(1, sum(r.steps for r in res)),
+        }
+        out["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def step_cost(model, shapes=((1, 16), (8, 16), (1, 32), (8, 32), (8, 64))) -> list[dict]:
+    """Seconds per optimisation step (forward and backward to the vectors), float32 and bf16 autocast."""
+    import torch
+    import torch.nn.functional as F
+
+    embed = model.get_input_embeddings()
+    rows = []
+    for b, n in shapes:
+        ids = torch.randint(0, embed.weight.shape[0], (b, n), generator=torch.Generator().manual_seed(0))
+        tok_emb = embed(ids).detach()
+        row = {"batch": b, "tokens": n}
+        for name, bf16 in (("float32", False), ("bf16", True)):
+            if bf16 and b * n > 256:
+                continue  # several seconds a step on an AVX2 CPU; the small shapes say enough
+            v = torch.randn(b, 1, embed.weight.shape[1], requires_grad=True)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(inputs_embeds=torch.cat([v, tok_emb[:, :-1]], 1)).logits
+                loss = F.cross_entropy(logits.float().transpose(1, 2), ids)
+                torch.autograd.grad(loss, v)
+                times.append(time.perf_counter() - t)
+            row[name] = min(times[1:])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def cold(model, tok, n_facts: int, max_steps: int) -> list[dict]:
     """A fact in a block that went cold, answered with its KV (before archiving), then with the
     block rehydrated, attended as gist vectors, or dropped. Small blocks (32 tokens) so one
@@ -167,6 +251,16 @@ def main() -> None:
     co.add_argument("--segments", type=int, default=8)
     co.add_argument("--max-steps", type=int, default=2000)
     co.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/cost.json"))
+    cm = sub.add_parser("compare")
+    cm.add_argument("--length", type=int, default=16)
+    cm.add_argument("--segments", type=int, default=8)
+    cm.add_argument("--max-steps", type=int, default=2000)
+    cm.add_argument("--lrs", type=float, nargs="+", default=[0.1])
+    cm.add_argument("--budget-s", type=float, default=420, help="wall-clock for ours (split over --lrs)")
+    cm.add_argument("--paper-budget-s", type=float, default=300)
+    cm.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/compare.json"))
+    st = sub.add_parser("steps")
+    st.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/steps.json"))
     sub.add_parser("bytes")
     cd = sub.add_parser("cold")
     cd.add_argument("--facts", type=int, default=5)
@@ -181,6 +275,13 @@ def main() -> None:
     elif a.cmd == "cost":
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(cost(model, tok, a.length, a.segments, a.max_steps), indent=1))
+    elif a.cmd == "compare":
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        res = compare(model, tok, a.length, a.segments, a.max_steps, a.budget_s, a.paper_budget_s, a.lrs)
+        a.out.write_text(json.dumps(res, indent=1))
+    elif a.cmd == "steps":
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(step_cost(model), indent=1))
     elif a.cmd == "cold":
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(cold(model, tok, a.facts, a.max_steps), indent=1))

@@ -252,7 +252,7 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
     positions = torch.arange(n_max, device=dev)
     active = torch.ones(b, dtype=torch.bool, device=dev)
     final = torch.zeros_like(vectors, requires_grad=False)  # vectors of finished segments, frozen
-    steps = [max_steps] * b
+    steps = [0] * b  # of a finished segment; an unfinished one ran them all (or until should_stop)
     seconds = [0.0] * b
     bf16 = fast_bf16(dev) if recipe.bf16 is None else recipe.bf16
     t0 = time.perf_counter()
@@ -263,10 +263,12 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
             active[j] = False
             steps[j], seconds[j] = step + 1, time.perf_counter() - t0
 
+    ran = 0
     for step in range(max_steps):
         live = active.nonzero().flatten()
         if len(live) == 0 or (should_stop is not None and should_stop()):
             break
+        ran = step + 1
         for g in opt.param_groups:
             g["lr"] = recipe.lr_at(step, max_steps)
         n = int(lengths[live].max())
@@ -304,7 +306,7 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
     for i, s in enumerate(segs):
         done = not bool(active[i])
         tensor = (final[i] if done else vectors[i]).detach().clone()
-        out.append(MemoryVectors(tensor, len(s), done, steps[i], seconds[i] if done else now))
+        out.append(MemoryVectors(tensor, len(s), done, steps[i] if done else ran, seconds[i] if done else now))
     return out
 
 
