@@ -98,29 +98,36 @@ def joint_attention(
 
 
 def _explicit_joint(parts, scaling, mass_rows, trace=False, softcap=None):
-    """Logits materialised: the decode path (c small) and the path off CPU."""
+    """Logits materialised: the decode path (c small) and the path off CPU.
+
+    Every part's logits are written into one ``[Hkv, g*c, N]`` tensor (N: all parts' keys), so the
+    softmax's max, exp and sum run once over all of them instead of once per part: at decode on
+    CPU the per-op cost, not the arithmetic, is what this path spends (issue 24)."""
     h, c, d = parts[0].q.shape
     hkv = parts[0].k.shape[0]
     g = h // hkv
     live = [p for p in parts if p.k.shape[-2] > 0]
-    logits = []
-    for p in live:
+    sizes = [p.k.shape[-2] for p in live]
+    dtype = live[0].k.dtype
+    lg_all = torch.empty(hkv, g * c, sum(sizes), dtype=torch.float32, device=live[0].k.device)
+    logits, at = [], 0
+    for p, n in zip(live, sizes):
         q = (p.q * scaling).reshape(hkv, g * c, d)  # scaling q is cheaper than scaling the logits
-        lg = torch.matmul(q, p.k.transpose(-1, -2)).float()
+        lg = lg_all[..., at : at + n]
+        at += n
+        if lg_all.dtype == dtype:
+            torch.matmul(q, p.k.transpose(-1, -2), out=lg)
+        else:
+            lg.copy_(torch.matmul(q, p.k.transpose(-1, -2)))
         if softcap is not None:
-            lg = lg.div_(softcap).tanh_().mul_(softcap)
+            lg.div_(softcap).tanh_().mul_(softcap)
         mask = p.visible()
         if mask is not None:
             lg.view(hkv, g, c, -1).masked_fill_(~mask, float("-inf"))
         logits.append(lg)
-    m = logits[0].amax(dim=-1, keepdim=True)
-    for lg in logits[1:]:
-        m = torch.maximum(m, lg.amax(dim=-1, keepdim=True))
-    denom = torch.zeros_like(m)
-    for lg in logits:
-        lg.sub_(m).exp_()  # logits become unnormalised probabilities, in place
-        denom += lg.sum(dim=-1, keepdim=True)
-    inv = denom.reciprocal_().view(h, c, 1)
+    m = lg_all.amax(dim=-1, keepdim=True)
+    lg_all.sub_(m).exp_()  # logits become unnormalised probabilities, in place
+    inv = lg_all.sum(dim=-1, keepdim=True).reciprocal_().view(h, c, 1)
     out = None
     for lg, p in zip(logits, live):
         o = torch.matmul(lg.to(p.v.dtype), p.v)

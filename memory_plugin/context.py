@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -92,6 +92,10 @@ class Step:
     capture: list | None = None  # when a list, each layer appends its queries [H, c, D] (for retrieve())
     trace: torch.Tensor | None = None  # when given ([n_tokens] float), each layer adds the attention mass
     # each history token received (summed over heads and queries): what explain= reports
+    qpos: torch.Tensor | None = None  # [P, c] positions each query is rotated at: init, local, far (, blocks)
+    mass_rows: torch.Tensor | None = None  # query rows that add attention mass (None: all of them)
+    want_mass: bool = True  # False when no query of the chunk adds mass (most decoded tokens)
+    rotations: dict = field(default_factory=dict)  # cos/sin gathered at qpos, per rotary table
 
     @property
     def we(self) -> int:
@@ -233,7 +237,29 @@ class Context:
         shift = lay.win_start if lay.win_end + cw > self.capacity else 0
         ws, w0 = lay.win_start - shift, lay.win_end - shift
         new_blocks = max(0, w0 + cw - ws - cfg.n_local) // cfg.block_size
-        return Step(c, lay.n_tokens, n_to_init, shift, lay.base + shift, ws, w0, new_blocks, capture, trace)
+        step = Step(c, lay.n_tokens, n_to_init, shift, lay.base + shift, ws, w0, new_blocks, capture, trace)
+        # What every layer needs and no layer changes, computed once per step instead of per layer.
+        t = torch.arange(step.t0, step.t0 + c, device=self.device)
+        rows = [t.clamp(max=cfg.n_init + cfg.n_local - 1), (t - step.base).clamp(min=0), t.new_full((c,), cfg.n_local)]
+        if self.far_query != cfg.n_local:
+            rows.append(t.new_full((c,), self.far_query))
+        step.qpos = torch.stack(rows)
+        stride = cfg.mass_stride
+        if stride > 1:  # rows i with (t0 + i) % stride == 0
+            first = -step.t0 % stride
+            step.want_mass = first < c
+            if c > 1 and first < c:
+                step.mass_rows = torch.arange(first, c, stride, device=self.device)
+        return step
+
+    def _rotated_queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
+        """``q [H, c, D]`` rotated at each of the step's query positions in one pass: ``[H, P, c, D]``
+        (init, local, far and, when blocks sit elsewhere, blocks)."""
+        key = id(cos)
+        if key not in step.rotations:
+            step.rotations[key] = (cos[step.qpos], sin[step.qpos])
+        cs, sn = step.rotations[key]
+        return apply_rope(q[:, None], cs, sn)
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         """Attention output ``[H, c, D]`` of layer ``i`` for queries ``q [H, c, D]``; their own keys and
@@ -241,12 +267,11 @@ class Context:
         j = self._memory_index[i]
         if j is None:
             return self._attend_window(self.windows[i], self.window_rope[i], q, k, v)
-        cfg, st, dev = self.cfg, self.layers[j], self.device
+        cfg, st = self.cfg, self.layers[j]
         cos, sin = self.rope[j]
         if step.shift:
             self._compact(st, step.shift, cos, sin)
         c, ni, ws, w0, we = step.c, step.n_to_init, step.ws, step.w0, step.we
-        t = torch.arange(step.t0, step.t0 + c, device=dev)
         if ni:
             i0, i1 = step.t0, step.t0 + ni
             st.init_k[:, i0:i1] = k[:, :ni]
@@ -258,14 +283,13 @@ class Context:
             st.win_v[:, w0:we] = v[:, ni:]
             st.win_mass[:, w0:we] = 0
         parts: list[AttnPart] = []
-        tracing = step.trace is not None
+        tracing, mass = step.trace is not None, step.want_mass
         where: list[torch.Tensor | None] = []  # absolute positions of each part's keys, when tracing
+        rotated = self._rotated_queries(q, cos, sin, step)
         # Visibility as bands on (key index - query index): query i is at position t0 + i.
         il = self.layout.init_len + ni
-        if il:  # init token j is visible from position j on
-            pos = t.clamp(max=cfg.n_init + cfg.n_local - 1)
-            q_init = apply_rope(q, cos[pos], sin[pos])
-            parts.append(AttnPart(q_init, st.init_krot[:, :il], st.init_v[:, :il], want_mass=True, band=(None, step.t0)))
+        if il:  # init token j is visible from position j on; the query sits at min(t, n_init + n_local - 1)
+            parts.append(AttnPart(rotated[:, 0], st.init_krot[:, :il], st.init_v[:, :il], want_mass=mass, band=(None, step.t0)))
             where.append(torch.arange(il) if tracing else None)
 
         # Local window: the last n_local tokens before each query, exact relative positions.
@@ -273,19 +297,17 @@ class Context:
         local = None
         if we > lo:
             off = step.t0 - step.base - lo  # key j is at position t0 - off + j
-            qpos = (t - step.base).clamp(min=0)
             band = (off - cfg.n_local + 1, off)
             local = len(parts)
-            parts.append(AttnPart(apply_rope(q, cos[qpos], sin[qpos]), st.win_krot[:, lo:we], st.win_v[:, lo:we], want_mass=True, band=band))
+            parts.append(AttnPart(rotated[:, 1], st.win_krot[:, lo:we], st.win_v[:, lo:we], want_mass=mass, band=band))
             where.append(torch.arange(step.base + lo, step.base + we) if tracing else None)
 
         # Everything outside the local window sits at the fixed distance n_local ("fixed"), or, with
         # block_positions="ordered", at n_local + (block_size - 1 - offset in its block).
-        q_far = apply_rope(q, cos[cfg.n_local], sin[cfg.n_local])
+        q_far = rotated[:, 2]
         st.q_sum += q_far.float().sum(dim=1)
         # Selection and retrieve() score at n_local (as InfLLM); attention may use another distance.
-        fq = self.far_query
-        q_blk = q_far if fq == cfg.n_local else apply_rope(q, cos[fq], sin[fq])
+        q_blk = q_far if self.far_query == cfg.n_local else rotated[:, 3]
         hi = min(we, step.t0 + c - cfg.n_local - step.base)
         if hi > ws:  # window tokens already out of some query's local window, not yet a block
             kf = self.positions.rotate_keys(st.win_k[:, ws:hi], step.base + ws - cfg.n_init, cfg.block_size, cos, sin)
@@ -304,7 +326,7 @@ class Context:
                 whole = tracing and bk.shape[1] == len(ids) * cfg.block_size
                 where.append(torch.cat([torch.arange(*self.block_span(b)) for b in ids]) if whole else None)
 
-        rows = torch.nonzero(t % cfg.mass_stride == 0).flatten() if cfg.mass_stride > 1 else None
+        rows = step.mass_rows
         if not tracing:
             out, masses = joint_attention(parts, self.g.scaling, rows, softcap=self.g.softcap)
         else:
@@ -312,11 +334,11 @@ class Context:
             for pos, m in zip(where, traced):
                 if pos is not None and len(pos):
                     step.trace.index_add_(0, pos.to(step.trace.device), m.cpu())
-        if il and step.t0 < cfg.n_init + cfg.n_local:
+        if mass and il and step.t0 < cfg.n_init + cfg.n_local:
             # Like window tokens, init tokens collect mass only while within n_local of the queries;
             # later every query attends to them as sinks, which says nothing about their content.
             st.init_mass[:, :il] += masses[0]
-        if local is not None:
+        if mass and local is not None:
             st.win_mass[:, lo:we] += masses[local]
         self._cut_blocks(j, st, step, cos, sin)
         return out

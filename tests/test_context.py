@@ -158,7 +158,7 @@ def test_matches_naive_reference_including_representative_keys(gqa_model, mass_s
             torch.testing.assert_close(k_block, k_ref, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pieces", [[300], [1] * 40 + [260], [37, 5, 100, 3, 155], [16] * 18 + [12]])
+@pytest.mark.parametrize("pieces", [[300], [1] * 40 + [260], [37, 5, 100, 3, 155], [16] * 18 + [12], [203] + [1] * 61 + [36]])
 def test_chunked_and_one_shot_ingestion_give_the_same_memory(gqa_model, pieces):
     cfg = MemoryConfig(block_size=8, n_init=8, n_local=64, topk=64, repr_topk=2, chunk_size=32, max_cached_blocks=64)
     ids = _ids(300, seed=5)
