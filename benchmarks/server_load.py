@@ -178,10 +178,11 @@ def crash(args, model: str | None, root: Path) -> dict:
             if r.status_code != 200:
                 report["problems"].append(f"{conv}: could not continue from {last[conv]}: {r.status_code} {r.text[:200]}")
                 continue
-            # The killed thread holds the unanswered input after its last response: continuing from
-            # that response diverges from what it holds, and the pool crops it back to the last
-            # snapshot before that input (ContextMemory.crop). These threads are shorter than the
-            # snapshot interval (4,096 tokens): none precedes it, so only the others reuse tokens.
+            # Since issue 23 a Responses turn's input and reply become durable together, so the
+            # killed turn left nothing and its thread continues as the others do. (Before, it held
+            # the unanswered input, continuing diverged from it and the pool cropped the thread
+            # back, re-encoding these threads shorter than a snapshot interval: 0 tokens reused.
+            # Hence the thread killed mid-reply is still not required to reuse tokens here.)
             cached = r.json()["usage"]["input_tokens_details"]["cached_tokens"]
             report.setdefault("cached_tokens_on_continue", {})[conv] = cached
             if cached == 0 and conv != conv0:
