@@ -64,6 +64,40 @@ TEMPLATES = [
      "Which boiler heats the glasshouse of the Istrelle botanical garden?",
      "\nThe glasshouse of the Istrelle botanical garden is heated by boiler"),
 ]
+# Ten more, written after the first ten had been used to choose defaults: a held-out half
+# (``--facts 20``). make_facts keeps the first ten (and their numbers) as they were.
+HELD_OUT = [
+    ("Brewmaster Ottilie Fanshaw labelled the oldest cask in the Corrowdale cellar with lot number {n}.",
+     "What lot number is on the oldest cask in the Corrowdale cellar?",
+     "\nThe oldest cask in the Corrowdale cellar is labelled with lot number"),
+    ("The lighthouse on Skerrigan Point keeps its spare lens in locker {n}, which keeper Aldous Renwick checks monthly.",
+     "In which locker does the lighthouse on Skerrigan Point keep its spare lens?",
+     "\nThe lighthouse on Skerrigan Point keeps its spare lens in locker"),
+    ("Surveyor Ingrid Malvaney marked the northern boundary stone of Felbridge Common as stone {n}.",
+     "Which number did the surveyor give the northern boundary stone of Felbridge Common?",
+     "\nThe northern boundary stone of Felbridge Common was marked as stone"),
+    ("The ferry Wren of Dallowmere sails under harbour licence {n}, renewed each spring by Captain Tobias Quarrie.",
+     "What is the harbour licence of the ferry Wren of Dallowmere?",
+     "\nThe ferry Wren of Dallowmere sails under harbour licence"),
+    ("In the Ravensholt observatory, the star catalogue written by Cassia Windermere is shelved as volume {n}.",
+     "As which volume is Cassia Windermere's star catalogue shelved in the Ravensholt observatory?",
+     "\nIn the Ravensholt observatory, Cassia Windermere's star catalogue is shelved as volume"),
+    ("The Pellucid Dam spillway gate opens with override code {n}, known only to engineer Rurik Haldane.",
+     "What is the override code of the Pellucid Dam spillway gate?",
+     "\nThe Pellucid Dam spillway gate opens with override code"),
+    ("Beekeeper Mirela Oakhurst numbered the queen's hive at the Tansley apiary as hive {n}.",
+     "Which number does the queen's hive at the Tansley apiary have?",
+     "\nThe queen's hive at the Tansley apiary is numbered as hive"),
+    ("The signal box at Gorsemoor Junction is reached by the telephone extension {n}, staffed by Wilfred Ambry.",
+     "What telephone extension reaches the signal box at Gorsemoor Junction?",
+     "\nThe signal box at Gorsemoor Junction is reached by the telephone extension"),
+    ("Curator Anouk Belloway registered the bronze falcon of the Vesterhall museum under inventory number {n}.",
+     "Under which inventory number is the bronze falcon of the Vesterhall museum registered?",
+     "\nThe bronze falcon of the Vesterhall museum is registered under inventory number"),
+    ("The cold store of the Brackwater fishery runs on compressor {n}, serviced by mechanic Jory Pendleby.",
+     "Which compressor does the cold store of the Brackwater fishery run on?",
+     "\nThe cold store of the Brackwater fishery runs on compressor"),
+]
 
 
 def log(msg: str) -> None:
@@ -72,8 +106,8 @@ def log(msg: str) -> None:
 
 def make_facts(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    templates = rng.sample(TEMPLATES, n)
-    numbers = rng.sample(range(10000, 100000), n)
+    templates = rng.sample(TEMPLATES, min(n, len(TEMPLATES))) + HELD_OUT[: max(0, n - len(TEMPLATES))]
+    numbers = rng.sample(range(10000, 100000), n)  # the first ten draws do not depend on n
     return [{"fact": f.format(n=k), "question": q, "prompt": p, "answer": str(k)}
             for (f, q, p), k in zip(templates, numbers)]
 
@@ -172,6 +206,13 @@ def cell(method: str, length: int, tokens: int, ingest_s: float, rows: list[dict
     return out
 
 
+def save(res: dict, out: Path) -> None:
+    """Write what has been measured so far (a long run cut short keeps its finished cells)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recall.json").write_text(json.dumps(res, indent=1))
+    (out / "recall.md").write_text(report(res))
+
+
 def run(a) -> dict:
     from memory_plugin import load_model
 
@@ -188,6 +229,7 @@ def run(a) -> dict:
             for style in STYLES:
                 rows.append({"fact": f["answer"], "depth": round(d, 3), **ask(mem, "contextmemory", f, style)})
         res["cells"].append(cell("ceiling", CEILING_TOKENS, len(mem), t_ing / len(facts), rows))
+        save(res, a.out)
         log(f"ceiling: chat {res['cells'][-1]['chat']['correct']}/{len(facts)}, "
             f"completion {res['cells'][-1]['completion']['correct']}/{len(facts)}")
     for length in a.lengths:
@@ -205,6 +247,7 @@ def run(a) -> dict:
                         rows.append({"fact": f["answer"], "depth": round(d, 3), **ask(mem, m, f, style)})
                 c = cell(m, length, len(mem), t_ing, rows)
                 res["cells"].append(c)
+                save(res, a.out)
                 log(f"{m} {length}: chat {c['chat']['correct']}/{len(facts)}, completion "
                     f"{c['completion']['correct']}/{len(facts)}, {c['s_per_turn']:.2f} s/turn")
             del mem
@@ -240,7 +283,8 @@ def report(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
-    p.add_argument("--facts", type=int, default=10, choices=range(1, len(TEMPLATES) + 1), metavar="N")
+    p.add_argument("--facts", type=int, default=10, choices=range(1, len(TEMPLATES) + len(HELD_OUT) + 1), metavar="N",
+                   help="facts planted: the first 10 chose the defaults, 11-20 are held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recall", type=int, nargs="+", default=[1, 3], help="passages placed, one hybrid run per value")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -249,11 +293,8 @@ def main() -> None:
     t = time.perf_counter()
     res = run(a)
     res["total_seconds"] = round(time.perf_counter() - t)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "recall.json").write_text(json.dumps(res, indent=1))
-    table = report(res)
-    (a.out / "recall.md").write_text(table)
-    print(table)
+    save(res, a.out)
+    print(report(res))
     log(f"done in {res['total_seconds']}s; wrote {a.out}/recall.json and recall.md")
 
 
