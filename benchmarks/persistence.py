@@ -183,7 +183,7 @@ def account_table(parts: dict[str, int], tokens: int) -> str:
     return "\n".join(rows)
 
 
-def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path, tune_allocator: bool = False) -> dict:
+def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path, tune_allocator: bool = False, timed: bool = True) -> dict:
     from memory_plugin import ContextMemory, MemoryConfig, load_model
     from memory_plugin.blocks import return_freed_memory_to_os
     from memory_plugin.tasks import FILLER, QUESTION, filler_repeats, needle, passkey
@@ -212,7 +212,7 @@ def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path
     ingest_s = time.perf_counter() - t
     answer = mem.generate(QUESTION, max_new_tokens=8, chat=False)
     answers = [mem.generate(p, max_new_tokens=12, chat=False) for p in PROMPTS]
-    turn = _turn_latency(mem, _turn_message(tok))
+    turn = _turn_latency(mem, _turn_message(tok)) if timed else float("nan")
     out = {
         "mode": mode,
         "tokens": len(mem),
@@ -236,9 +236,10 @@ def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path
         loaded = ContextMemory.load(store, model, tokenizer=tok, max_resident_bytes=cfg.max_resident_bytes)
         out["load_seconds"] = time.perf_counter() - t
         out["answer_after_load"] = loaded.generate(QUESTION, max_new_tokens=8, chat=False)
-        t = time.perf_counter()
-        loaded.save(workdir / f"{mode}-copy")
-        out["save_seconds"] = time.perf_counter() - t
+        if timed:
+            t = time.perf_counter()
+            loaded.save(workdir / f"{mode}-copy")
+            out["save_seconds"] = time.perf_counter() - t
     return out
 
 
@@ -250,6 +251,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["ram", "budget"], choices=MODES)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/persistence"))
     p.add_argument("--tune-allocator", action="store_true", help="set the allocator as a RAM budget does, in every mode")
+    p.add_argument("--untimed", action="store_true", help="answers and bytes only: no turn timing, no save (a busy machine)")
     p.add_argument("--account", type=Path, metavar="DIR", help="only print where the bytes of a memory directory go")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -259,7 +261,7 @@ def main() -> None:
         print(account_table(account(a.account), n))
         return
     if a.mode:
-        res = run_mode(a.mode, a.tokens, a.budget_mb, a.depth, a.workdir, a.tune_allocator)
+        res = run_mode(a.mode, a.tokens, a.budget_mb, a.depth, a.workdir, a.tune_allocator, not a.untimed)
         (a.out / f"{a.mode}-{a.tokens}.json").write_text(json.dumps(res, indent=1))
         return
     a.out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +271,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--mode", m, "--workdir", str(work), "--out", str(a.out)]
             cmd += ["--tokens", str(a.tokens), "--budget-mb", str(a.budget_mb), "--depth", str(a.depth)]
             cmd += ["--tune-allocator"] if a.tune_allocator else []
+            cmd += ["--untimed"] if a.untimed else []
             subprocess.run(cmd, check=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -502,16 +502,24 @@ def load_into(engine, directory: Path, manifest: Manifest, *, verify: bool, keep
     engine.reindex()
 
 
+# Fields an opened memory keeps from its directory whatever the config given says: how its blocks
+# are stored. A pool opening threads with ``MemoryConfig()`` must open those written before the
+# default became int8 (they stay float32: a memory has one codec for all its blocks).
+_KEPT_FROM_SAVED = ("kv_quantization",)
+
+
 def open_config(directory: Path, manifest: Manifest | None, config):
     """The config an opened memory runs with: the saved one, with the runtime fields (how it is
-    used, not what it holds) taken from ``config``; any other difference is an error."""
+    used, not what it holds) taken from ``config``; the storage of its blocks is the saved one's
+    (``kv_quantization``); any other difference is an error."""
     if manifest is None:
         return config or MemoryConfig()
     saved = MemoryConfig(**manifest.config)
     runtime = {k: getattr(config or MemoryConfig(), k) for k in MemoryConfig.RUNTIME_FIELDS}
     runtime["max_resident_bytes"] = config.max_resident_bytes if config is not None else None
-    if config is not None and config.replace(**{k: getattr(saved, k) for k in runtime}) != saved:
-        diff = [k for k, v in saved.to_dict().items() if getattr(config, k) != v and k not in runtime]
+    kept = {k: getattr(saved, k) for k in (*runtime, *_KEPT_FROM_SAVED)}
+    if config is not None and config.replace(**kept) != saved:
+        diff = [k for k, v in saved.to_dict().items() if getattr(config, k) != v and k not in kept]
         raise ValueError(f"{directory}: config differs from the saved memory's in {', '.join(diff)}")
     return saved.replace(**runtime)
 

@@ -101,3 +101,17 @@ def test_a_manifest_newer_than_this_code_is_refused_naming_file_and_version(tiny
     (path / "manifest.json").write_text(json.dumps({**m, "format_version": FORMAT_VERSION + 1}))
     with pytest.raises(MemoryFormatError, match=rf"manifest.json: format version {FORMAT_VERSION + 1} is newer"):
         ContextMemory.load(path, tiny_model, tokenizer=tiny_tokenizer)
+
+
+@pytest.mark.parametrize("saved, given", [("none", "int8"), ("int8", "none")])
+def test_an_opened_memory_keeps_the_storage_it_was_written_with(tiny_model, tiny_tokenizer, tmp_path, saved, given):
+    """A pool opens every thread with its one config: a thread written with another
+    kv_quantization (float32, before int8 became the default) opens as it was written."""
+    built = _build(tiny_model, tiny_tokenizer, testing.TINY_CONFIG.replace(kv_quantization=saved))
+    answer = _ask(built)
+    built.save(tmp_path / "m")
+    mem = ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=INT8.replace(kv_quantization=given))
+    assert mem.config.kv_quantization == saved and _ask(mem) == answer
+    mem.close()
+    with pytest.raises(ValueError, match="differs from the saved memory's in block_size$"):
+        ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=INT8.replace(block_size=32, kv_quantization=given))
