@@ -7,6 +7,21 @@ Per length: seconds to prefill the question and produce one token (``generate`` 
 token), ms per further decoded token ((generate N+1) - (generate 1)) / N, both the median of
 ``--repeats``, and their ratio to the first length. Timings only: run it on a quiet machine.
 
+Issue 24 (a saved history, grown by replicated blocks, against plain transformers)::
+
+    python benchmarks/decode_cost.py --load /tmp/mem24/h8k --grow 65536 262144 1048576 --out benchmarks/results/decode_cost_issue24.json
+
+loads a memory saved with ``ContextMemory.save`` (building one takes minutes; build it once), and
+at its own length and at each ``--grow`` length measures: ms of one decoded token (the forward
+pass of one token, median of ``--tokens``), the turn (a 200-token message and 32 decoded tokens,
+median of ``--repeats``, as ``passkey.py perf``) and the per-token figure of ``generate``. Lengths
+beyond the saved one are reached by appending **references to the saved blocks** (KV shared, each
+copy's representative keys with a little noise so top-k ties break) to every layer's block list:
+the selection scans as many representative keys as a real history of that length, the attention
+reads as many keys as ever; nothing else of a longer history (its RAM, its disk) is there. Plain
+transformers (a ``DynamicCache`` holding as many tokens as the memory's attention span, decoding
+one token) runs in the same process, in the same dtype.
+
 (At commit c1b340f this script also compared copying only the changed blocks into the gathered
 selection against gathering all of them: 1.3% at 66k tokens, so that path was taken out again;
 ``benchmarks/results/decode_cost_swap.json``.)
@@ -18,6 +33,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,13 +50,192 @@ def _generate_seconds(mem, n: int) -> float:
     return dt
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time, the CPU time of this process (with --threads 1
+# torch runs its work on this thread), which a machine shared with other jobs disturbs far less than wall time
+
+
+def _forward_ms(forward, n: int) -> float:
+    """Median ms of ``n`` one-token forward passes (``forward(token) -> logits``), greedy tokens."""
+    import torch
+
+    times, tok = [], 42
+    with torch.inference_mode():
+        for _ in range(n + 2):
+            t = CLOCK()
+            tok = int(forward(tok).argmax())
+            times.append(CLOCK() - t)
+    return statistics.median(times[2:]) * 1000
+
+
+def _turn_s(mem, msg: str, repeats: int) -> float:
+    """Median seconds (of CLOCK) to add a ~200-token message and generate 32 tokens, as
+    ``passkey.py perf``; the memory is restored."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from passkey import TURN_NEW_TOKENS
+
+    times = []
+    for _ in range(repeats):
+        cp = mem.checkpoint()
+        t = CLOCK()
+        mem.add_message("user", msg)
+        mem.generate("Summarise the tool output.", max_new_tokens=TURN_NEW_TOKENS, min_new_tokens=TURN_NEW_TOKENS)
+        times.append(CLOCK() - t)
+        mem.rollback(cp)
+    return statistics.median(times)
+
+
+def _memory_decode_ms(mem, n: int) -> float:
+    import torch
+
+    engine = mem._engine  # benchmark only: the forward pass without a turn around it
+    cp = engine.ctx.checkpoint()
+    try:
+        return _forward_ms(lambda tok: engine.forward(torch.tensor([tok]), engine.ctx), n)
+    finally:
+        engine.ctx.rollback(cp)
+
+
+def _plain_decoder(model, tok, span: int):
+    """Plain transformers: a DynamicCache holding ``span`` tokens of filler; returns ``step(token)
+    -> logits``, one token decoded against those ``span`` tokens (the cache is cropped back)."""
+    import torch
+    from transformers import DynamicCache
+
+    from memory_plugin.tasks import FILLER
+
+    ids = tok(FILLER * (span // 8), add_special_tokens=False)["input_ids"][:span]
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        for s in range(0, span, 512):
+            model(input_ids=torch.tensor([ids[s : s + 512]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def step(t):
+        out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        cache.crop(-1)  # back to the span: every token decodes against the same context
+        return out
+
+    return step
+
+
+def replicate_blocks(mem, n_tokens: int, noise: float = 0.01, seed: int = 0) -> int:
+    """Grow ``mem``'s block lists to as many blocks as ``n_tokens`` of history would have, by
+    appending references to its own blocks (KV shared, not copied) whose representative keys get
+    ``noise`` times their standard deviation of Gaussian noise. Returns the blocks added. For
+    timing selection only: the grown memory is not a real history (and must not be saved)."""
+    import torch
+
+    ctx = mem._engine.ctx  # benchmark only
+    cfg = ctx.cfg
+    have = len(ctx.store)
+    want = max(0, (n_tokens - len(mem) + have * cfg.block_size) // cfg.block_size)
+    gen = torch.Generator().manual_seed(seed)
+    for layer in ctx.store.layers:
+        reprs = layer.reprs[:have].clone()
+        scale = noise * reprs.std()
+        for b in range(have, want):
+            src = b % have
+            layer.append(layer.kv[src], reprs[src] + scale * torch.randn(reprs[src].shape, generator=gen))
+    return max(0, want - have)
+
+
+def _code_version() -> str:
+    """Where memory_plugin was imported from (a before/after run may point PYTHONPATH at an older copy)."""
+    import memory_plugin
+
+    return str(Path(memory_plugin.__file__).parent)
+
+
+def _import_copy(path: Path, name: str = "memory_plugin_before"):
+    """An older copy of the package (``git archive <commit> memory_plugin | tar -x -C PATH``),
+    imported under another name beside the current one (its imports are relative)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path / "memory_plugin" / "__init__.py", submodule_search_locations=[str(path / "memory_plugin")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def issue24(a) -> None:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from passkey import TURN_NEW_TOKENS, _turn_message
+
+    from memory_plugin import ContextMemory
+
+    mem = ContextMemory.load(a.load)
+    cfg = mem.config
+    span = cfg.n_init + cfg.n_local + cfg.topk * cfg.block_size
+    model, tok = mem.model, mem.tokenizer  # the memory's own model object: same dtype
+    msg = _turn_message(tok)
+    out = {"config": cfg.to_dict(), "span": span, "threads": torch.get_num_threads(), "clock": CLOCK.__name__, "code": _code_version(), "points": []}
+    plain_step = _plain_decoder(model, tok, span)
+    plain = _forward_ms(plain_step, a.tokens)
+    out["plain_decode_ms"] = plain
+    print(json.dumps({"plain_decode_ms_at_span": plain}), flush=True)
+    before = None
+    if a.before:  # the same saved history under the older code, sharing the model object
+        before = _import_copy(a.before).ContextMemory.load(a.load, model, tokenizer=tok)
+        out["before_code"] = str(a.before)
+    for length in [len(mem), *a.grow]:
+        added = replicate_blocks(mem, length) if length > len(mem) else 0
+        if before is not None and length > len(before):
+            replicate_blocks(before, length)
+        point = {"length": length, "blocks": len(mem._engine.ctx.store), "replicated_blocks": added}
+        if before is not None:  # interleaved rounds: plain, before, after; medians of the rounds
+            rounds = [(_forward_ms(plain_step, a.tokens), _memory_decode_ms(before, a.tokens), _memory_decode_ms(mem, a.tokens)) for _ in range(a.rounds)]
+            point["rounds"] = rounds
+            point["plain_ms"] = statistics.median(r[0] for r in rounds)
+            point["before_decode_ms"] = statistics.median(r[1] for r in rounds)
+            point["before_vs_plain"] = statistics.median(r[1] / r[0] for r in rounds)
+            point["decode_ms"] = statistics.median(r[2] for r in rounds)
+            point["decode_vs_plain"] = statistics.median(r[2] / r[0] for r in rounds)
+            point["after_vs_before"] = statistics.median(r[2] / r[1] for r in rounds)
+        else:
+            point["decode_ms"] = _memory_decode_ms(mem, a.tokens)
+            point["decode_vs_plain"] = point["decode_ms"] / plain
+        if a.turn_repeats:
+            point["turn_s"] = _turn_s(mem, msg, a.turn_repeats)
+            point["turn_new_tokens"] = TURN_NEW_TOKENS
+        print(json.dumps(point), flush=True)
+        out["points"].append(point)
+    out["plain_decode_ms_after"] = _forward_ms(plain_step, a.tokens)
+    for pt in out["points"]:
+        pt["decode_vs_first"] = pt["decode_ms"] / out["points"][0]["decode_ms"]
+        if "turn_s" in pt:
+            pt["turn_vs_first"] = pt["turn_s"] / out["points"][0]["turn_s"]
+    text = json.dumps(out, indent=1)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text)
+    print(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", type=Path, help="a saved memory to measure (issue 24 mode)")
+    p.add_argument("--grow", type=int, nargs="*", default=[], help="with --load: lengths reached by replicated blocks")
+    p.add_argument("--before", type=Path, help="with --load: a folder holding an older memory_plugin to compare, interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="with --before: interleaved rounds per length")
+    p.add_argument("--turn-repeats", type=int, default=3, help="with --load: turns timed per length (0: none)")
+    p.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (use with --threads 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384, 65536])
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens timed per turn")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    if a.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+    if a.load:
+        return issue24(a)
 
     from memory_plugin import ContextMemory
     from memory_plugin.tasks import FILLER
