@@ -13,28 +13,17 @@ from memory_plugin import ContextMemory, testing
 from memory_plugin.persistence import FORMAT_VERSION, MemoryFormatError
 
 from .test_context import _state
+from .test_persistence import _ask, _build
 
 TEXT = "The grass is green. The sky is blue. The sun is yellow. Here we go. "
 DATA = Path(__file__).parent / "data"
 INT8 = testing.TINY_CONFIG.replace(kv_quantization="int8")
 
 
-def _ask(mem):
-    return mem.generate("sky?", max_new_tokens=12, min_new_tokens=12)
-
-
 def _header(path: Path) -> dict:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n))
-
-
-def _build(model, tokenizer, config):
-    mem = ContextMemory(model, tokenizer, config)
-    mem.add_message("system", "Be brief.")
-    mem.add_text(TEXT * 12)
-    mem.add_message("user", "Note: the sky is blue.")
-    return mem
 
 
 @pytest.mark.parametrize("budget", [None, 5_000_000], ids=["in-ram", "read-from-disk"])
