@@ -266,7 +266,12 @@ def main() -> None:
     cd.add_argument("--facts", type=int, default=5)
     cd.add_argument("--max-steps", type=int, default=1500)
     cd.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/cold.json"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine two "
+                   "OpenMP threads spin-wait on each other when preempted; a step took 14.7 s instead of ~0.3)")
     a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
     model, tok = load_model()
     torch_seed(0)
     if a.cmd == "capacity":

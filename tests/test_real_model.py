@@ -10,12 +10,15 @@ from memory_plugin.tasks import FILLER, QUESTION, filler_repeats, needle, passke
 
 pytestmark = pytest.mark.real_model
 
-# Cramming SmolLM2-135M needs thousands of optimisation steps at 0.25-0.45 s each on 2 CPU cores
-# (32 tokens into 1 vector: not exact after 1500 steps / 380 s; docs/BENCHMARKS.md, memory vectors):
-# far past make test's budget. Run them where there is time or an accelerator.
+# Cramming SmolLM2-135M needs thousands of optimisation steps (~2,600 for 64 tokens in the
+# Progressive Cramming recipe). Measured here: 0.25-0.45 s a step on 2 idle CPU cores, 5.3 s a step
+# for 8 segments of 16 tokens on the shared machine, 32 tokens into 1 vector not exact after 1500
+# steps / 380 s; bf16 does not help on this AVX2-only CPU (docs/BENCHMARKS.md, memory vectors).
+# Far past make test's few minutes: run them where there is time or an accelerator.
 slow_cramming = pytest.mark.skipif(
     os.environ.get("MEMORY_PLUGIN_SLOW_TESTS") != "1",
-    reason="cramming the real model takes 20+ minutes on CPU; set MEMORY_PLUGIN_SLOW_TESTS=1 to run",
+    reason="cramming the real model: 32 tokens not exact after 1500 steps / 380 s on 2 CPU cores (thousands of "
+    "steps needed, 0.25-5 s each); set MEMORY_PLUGIN_SLOW_TESTS=1 to run",
 )
 
 
