@@ -127,15 +127,23 @@ def replicate_blocks(mem, n_tokens: int, noise: float = 0.01, seed: int = 0) -> 
     ctx = mem._engine.ctx  # benchmark only
     cfg = ctx.cfg
     have = len(ctx.store)
-    want = max(0, (n_tokens - len(mem) + have * cfg.block_size) // cfg.block_size)
+    # the blocks of the saved history's own length, plus one per block_size tokens beyond it
+    want = ctx.layout.n_evicted_blocks + max(0, n_tokens - len(mem)) // cfg.block_size
     gen = torch.Generator().manual_seed(seed)
-    for layer in ctx.store.layers:
+    with torch.inference_mode():  # after a turn the reprs are inference tensors
+        _replicate(ctx.store.layers, have, want, noise, gen)
+    return max(0, want - have)
+
+
+def _replicate(layers, have: int, want: int, noise: float, gen) -> None:
+    import torch
+
+    for layer in layers:
         reprs = layer.reprs[:have].clone()
         scale = noise * reprs.std()
         for b in range(have, want):
             src = b % have
             layer.append(layer.kv[src], reprs[src] + scale * torch.randn(reprs[src].shape, generator=gen))
-    return max(0, want - have)
 
 
 def _code_version() -> str:
