@@ -172,11 +172,19 @@ class BlockStore:
     # -------------------------------------------------------------------------------- reading
     def select(self, layer: int, q_mean: torch.Tensor, topk: int, relevance=RELEVANCE["dot"]) -> list[int]:
         """Ids (ascending) of the ``topk`` blocks most relevant to ``q_mean [H, D]``; all when fewer.
-        ``relevance``: a policy of :data:`~memory_plugin.policies.RELEVANCE` (InfLLM's by default)."""
-        n = len(self.layers[layer])
+        ``relevance``: a policy of :data:`~memory_plugin.policies.RELEVANCE` (InfLLM's by default).
+
+        The blocks ``relevance.scores`` ranks first, found with one matrix-vector product of the
+        flattened reprs ``[n, H * D]`` and the policy's re-weighted query (z-scoring needs only
+        each head's score spread, from the layer's running moments): every step reads each
+        representative key once, in place."""
+        blocks = self.layers[layer]
+        n = len(blocks)
         if n <= topk:
             return list(range(n))
-        return sorted(relevance.scores(q_mean, self.layers[layer].reprs).topk(topk).indices.tolist())
+        q = relevance.query(q_mean, lambda: blocks.score_std(q_mean))
+        scores = torch.mv(blocks.reprs.reshape(n, -1).float(), q.reshape(-1))
+        return sorted(scores.topk(topk).indices.tolist())
 
     def fetch(self, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of blocks ``ids`` concatenated along tokens: two ``[Hkv, n, D]`` (``n`` is

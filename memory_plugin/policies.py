@@ -13,6 +13,7 @@ Shapes (as :mod:`~memory_plugin.attention`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ class DotRelevance:
     def scores(self, q_mean: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
         return block_relevance(q_mean, reprs)
 
+    def query(self, q_mean: torch.Tensor, score_std: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return q_mean.float()
+
 
 @dataclass(frozen=True)
 class ZScoreRelevance:
@@ -37,9 +41,18 @@ class ZScoreRelevance:
     def scores(self, q_mean: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
         return block_relevance(q_mean, reprs, normalize=True)
 
+    def query(self, q_mean: torch.Tensor, score_std: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # sum_h (s_bh - mean_h) / (std_h + eps) = r_b . (q_h / (std_h + eps)) - a constant
+        return q_mean.float() / (score_std() + 1e-6)[:, None]
+
 
 RELEVANCE = {"dot": DotRelevance(), "zscore": ZScoreRelevance()}
-"""``MemoryConfig.relevance`` -> how a chunk scores blocks (``scores(q_mean, reprs) -> [n_blocks]``)."""
+"""``MemoryConfig.relevance`` -> how a chunk scores blocks: ``scores(q_mean, reprs) -> [n_blocks]``
+(the reference), and ``query(q_mean, score_std) -> [H, D]``, a query whose plain dot product with
+the flattened reprs ranks blocks as ``scores`` does (it differs from it by a constant), so selection
+is one matrix-vector product per layer; ``score_std()`` gives the ``[H]`` spread of each head's
+scores over the blocks (:meth:`~memory_plugin.tiers.LayerBlocks.score_std`), asked for only when
+needed."""
 
 
 # ----------------------------------------------------------------------------------------- positions

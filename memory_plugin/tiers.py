@@ -1,7 +1,8 @@
 """Where a block's KV lives, one object per tier, composed by :class:`~memory_plugin.blocks.BlockStore`:
 
 * :class:`LayerBlocks`: one layer's blocks (as ``transformers`` keeps one cache object per layer):
-  encoded KV in RAM, representative keys, its accelerator cache and its last gathered selection;
+  encoded KV in RAM, representative keys and their running moments (:class:`ReprMoments`), its
+  accelerator cache and its last gathered selection;
 * :class:`RamTier`: the bytes of encoded KV in RAM against a budget, and which of them may be
   evicted (those already on disk, least recently used first);
 * :class:`DeviceLRU`: a fixed number of decoded blocks per layer on the accelerator;
@@ -77,14 +78,80 @@ class DeviceLRU:
         return _size(self.data)
 
 
+class ReprMoments:
+    """Running first and second moments of one layer's representative keys, per head: what the
+    spread of every block's score against a query needs without reading the blocks (``std``).
+
+    Kept in float64 on the CPU about a shift ``c`` (the mean when last recomputed, else the first
+    key added), so the covariance does not cancel: ``count``, ``total = sum(r - c) [H, D]``,
+    ``outer = sum((r - c)(r - c)^T) [H, D, D]``. Added to on append, subtracted from on truncate,
+    recomputed when the keys are replaced.
+
+    Example:
+        >>> reprs, q = torch.randn(50, 2, 4), torch.randn(2, 4)
+        >>> m = ReprMoments(2, 4)
+        >>> m.add(reprs[:30]); m.add(reprs[30:]); m.remove(reprs[40:])
+        >>> s = torch.einsum("hd,bhd->bh", q, reprs[:40]).std(dim=0, correction=0)
+        >>> torch.allclose(m.std(q), s, rtol=1e-4)
+        True
+    """
+
+    def __init__(self, n_heads: int, head_dim: int):
+        self.shift: torch.Tensor | None = None
+        self.count = 0
+        self.total = torch.zeros(n_heads, head_dim, dtype=torch.float64)
+        self.outer = torch.zeros(n_heads, head_dim, head_dim, dtype=torch.float64)
+        self._cov: torch.Tensor | None = None  # [H, D, D] float32 on the keys' device, from the sums
+
+    def reset(self, reprs: torch.Tensor) -> None:
+        """The moments of ``reprs [n, H, D]`` alone."""
+        self.shift = reprs.detach().to("cpu", torch.float64).mean(dim=0) if len(reprs) else None
+        self.count = 0
+        self.total.zero_()
+        self.outer.zero_()
+        self.add(reprs)
+
+    def add(self, reprs: torch.Tensor, sign: int = 1) -> None:
+        """Count keys ``reprs [k, H, D]`` in (``sign`` -1: out again)."""
+        if not len(reprs):
+            return
+        r = reprs.detach().to("cpu", torch.float64)
+        if self.shift is None:
+            self.shift = r[0].clone()
+        r = r - self.shift
+        self.count += sign * len(r)
+        self.total += sign * r.sum(dim=0)
+        self.outer.baddbmm_(r.permute(1, 2, 0), r.permute(1, 0, 2), alpha=sign)  # += sign * sum_b r_b r_b^T
+        self._cov = None
+
+    def remove(self, reprs: torch.Tensor) -> None:
+        self.add(reprs, sign=-1)
+
+    def std(self, q: torch.Tensor) -> torch.Tensor:
+        """Population standard deviation over the counted keys of each head's score ``q_h . r_bh``:
+        ``q [H, D]`` -> ``[H]`` (float32), from the covariance alone (0 when nothing is counted)."""
+        if self.count == 0:
+            return torch.zeros(q.shape[0], device=q.device)
+        if self._cov is None or self._cov.device != q.device:
+            mean = self.total / self.count
+            cov = self.outer / self.count - mean[:, :, None] * mean[:, None, :]
+            self._cov = cov.to(q.device, torch.float32)
+        qf = q.float()
+        var = ((self._cov * qf[:, None, :]).sum(dim=-1) * qf).sum(dim=-1)  # q_h^T cov_h q_h (bmm is slower here)
+        return var.clamp_min(0).sqrt()
+
+
 class LayerBlocks:
     """Blocks of one layer: encoded KV per block (None while only on disk, or cold), reprs
-    ``[n, H, D]``, the layer's accelerator cache (None on CPU), and its last gathered selection
-    ``(ids, kv [2, Hkv, n, D])``: consecutive decode steps mostly pick the same blocks."""
+    ``[n, H, D]`` and their running moments (:class:`ReprMoments`, so a query's per-head score
+    spread costs no pass over the blocks), the layer's accelerator cache (None on CPU), and its
+    last gathered selection ``(ids, kv [2, Hkv, n, D])``: consecutive decode steps mostly pick the
+    same blocks."""
 
     def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.kv: list[dict | None] = []
         self._repr = torch.empty(16, n_heads, head_dim, dtype=dtype, device=device)
+        self.moments = ReprMoments(n_heads, head_dim)
         self.cache: DeviceLRU | None = None
         self.last: tuple[tuple[int, ...], torch.Tensor] | None = None
 
@@ -97,6 +164,7 @@ class LayerBlocks:
 
     def set_reprs(self, reprs: torch.Tensor) -> None:
         self._repr = reprs.to(self._repr.device, self._repr.dtype).clone()
+        self.moments.reset(self._repr)
         if self._repr.shape[0] == 0:
             self._repr = self._repr.new_empty(16, *self._repr.shape[1:])
 
@@ -107,7 +175,15 @@ class LayerBlocks:
             grown[:n] = self._repr
             self._repr = grown
         self._repr[n] = repr_key
+        self.moments.add(self._repr[n : n + 1])  # as stored (in the reprs' dtype)
         self.kv.append(enc)
+
+    def score_std(self, q: torch.Tensor) -> torch.Tensor:
+        """Per head, the population standard deviation over this layer's blocks of ``q_h . r_bh``:
+        ``q [H, D]`` -> ``[H]``, as ``block_relevance``'s z-scoring computes it from every score."""
+        if self.moments.count != len(self.kv):  # the block list was replaced wholesale: count again
+            self.moments.reset(self.reprs)
+        return self.moments.std(q)
 
     def drop(self, b: int) -> None:
         """Block ``b``'s KV is gone (archived, or back to memory vectors): from RAM, the cache and
@@ -119,6 +195,8 @@ class LayerBlocks:
             self.last = None
 
     def truncate(self, n: int) -> None:
+        if n < len(self.kv) and self.moments.count == len(self.kv):
+            self.moments.remove(self._repr[n : len(self.kv)])
         del self.kv[n:]
         if self.cache is not None:
             self.cache.truncate(n)

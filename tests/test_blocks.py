@@ -1,6 +1,9 @@
+import pytest
 import torch
 
+from memory_plugin.attention import block_relevance
 from memory_plugin.blocks import BlockStore
+from memory_plugin.policies import RELEVANCE
 
 H, HKV, D, BS = 4, 2, 8, 4
 
@@ -103,3 +106,67 @@ def test_streamed_safetensors_read_back_by_safetensors(tmp_path):
     assert torch.equal(back["stacked"], torch.stack(parts))
     for name in ("bf16", "int8", "sliced", "empty"):
         assert back[name].dtype == tensors[name].dtype and torch.equal(back[name], tensors[name])
+
+
+def _reference_topk(store, layer, q, k, relevance):
+    scores = block_relevance(q, store.layers[layer].reprs, normalize=relevance == "zscore")
+    return sorted(scores.topk(k).indices.tolist())
+
+
+def _assert_selects_as_block_relevance(store, queries, k=5, layer=0):
+    for relevance in ("dot", "zscore"):
+        for q in queries:
+            assert store.select(layer, q, k, RELEVANCE[relevance]) == _reference_topk(store, layer, q, k, relevance)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])  # keys far from 0 (a shared component): no cancellation
+def test_select_ranks_exactly_as_block_relevance_through_appends_truncates_and_replaced_reprs(offset):
+    torch.manual_seed(0)
+    store = _store()
+    queries = torch.randn(20, H, D)
+
+    def fill(n):
+        for _ in range(n):
+            store.append(0, torch.zeros(2, HKV, BS, D), torch.randn(H, D) * torch.rand(H, 1) * 3 + offset)
+
+    fill(60)
+    _assert_selects_as_block_relevance(store, queries)
+    store.truncate(25)  # a rollback: the forgotten keys leave the moments too
+    _assert_selects_as_block_relevance(store, queries)
+    fill(40)
+    store.layers[0].drop(3)  # KV gone, representative key kept: still ranked
+    _assert_selects_as_block_relevance(store, queries)
+    store.layers[0].set_reprs(torch.randn(65, H, D) - offset)  # replaced wholesale (a load)
+    _assert_selects_as_block_relevance(store, queries)
+    store.truncate(30)
+    fill(5)
+    _assert_selects_as_block_relevance(store, queries)
+
+
+def test_the_zscore_query_is_what_makes_selection_exact():
+    """The z-scored ranking differs from the plain dot product's: the re-weighting is not a no-op."""
+    torch.manual_seed(1)
+    store = _store()
+    for _ in range(80):  # head 0's scores vary far more than the others'
+        store.append(0, torch.zeros(2, HKV, BS, D), torch.randn(H, D) * torch.tensor([[20.0], [1.0], [1.0], [1.0]]))
+    q = torch.randn(H, D)
+    assert store.select(0, q, 5, RELEVANCE["zscore"]) != store.select(0, q, 5, RELEVANCE["dot"])
+    _assert_selects_as_block_relevance(store, [q])
+
+
+@pytest.mark.parametrize("kind", ["none", "int8"])
+def test_a_store_read_back_from_disk_selects_as_the_one_written(tmp_path, kind):
+    torch.manual_seed(2)
+    store = _store(spill_dir=tmp_path, kv_quantization=kind)
+    for layer in range(2):
+        for _ in range(30):
+            store.append(layer, torch.randn(2, HKV, BS, D), torch.randn(H, D) + 2)
+    store.flush()
+    back = _store(spill_dir=tmp_path, kv_quantization=kind)
+    back.attach(store.disk.shards, resident=False)
+    queries = torch.randn(20, H, D)
+    for layer in range(2):
+        assert torch.equal(back.layers[layer].reprs, store.layers[layer].reprs)  # stored as rounded (int8)
+        _assert_selects_as_block_relevance(back, queries, layer=layer)
+        for relevance in RELEVANCE.values():
+            assert [back.select(layer, q, 5, relevance) for q in queries] == [store.select(layer, q, 5, relevance) for q in queries]
