@@ -193,6 +193,9 @@ def ask(mem, method: str, fact: dict, style: str) -> dict:
     if method.startswith("hybrid"):  # untimed: is the fact among the top-3 hybrid passages for this query?
         hits = mem.retrieve(fact["question"] if style == "chat" else fact["prompt"], k=3)
         row["fact_in_top3"] = any(fact["answer"] in h.text for h in hits)
+        # What the search ranked (placement takes its top `recall` of these): tells a wrong answer
+        # copied from a placed look-alike from one copied out of the memory's own attention.
+        row["top3"] = [h.text for h in hits]
     return row
 
 
