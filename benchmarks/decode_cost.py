@@ -117,11 +117,12 @@ def _plain_decoder(model, tok, span: int):
     return step
 
 
-def replicate_blocks(mem, n_tokens: int, noise: float = 0.01, seed: int = 0) -> int:
+def replicate_blocks(mem, n_tokens: int, noise: float = 0.01, seed: int = 0, exclude: set[int] = frozenset()) -> int:
     """Grow ``mem``'s block lists to as many blocks as ``n_tokens`` of history would have, by
     appending references to its own blocks (KV shared, not copied) whose representative keys get
-    ``noise`` times their standard deviation of Gaussian noise. Returns the blocks added. For
-    timing selection only: the grown memory is not a real history (and must not be saved)."""
+    ``noise`` times their standard deviation of Gaussian noise; blocks in ``exclude`` (a needle's)
+    are not copied. Returns the blocks added. For timing and measuring selection only: the grown
+    memory is not a real history (and must not be saved)."""
     import torch
 
     ctx = mem._engine.ctx  # benchmark only
@@ -131,18 +132,18 @@ def replicate_blocks(mem, n_tokens: int, noise: float = 0.01, seed: int = 0) -> 
     want = ctx.layout.n_evicted_blocks + max(0, n_tokens - len(mem)) // cfg.block_size
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():  # after a turn the reprs are inference tensors
-        _replicate(ctx.store.layers, have, want, noise, gen)
+        _replicate(ctx.store.layers, have, want, noise, gen, [b for b in range(have) if b not in exclude])
     return max(0, want - have)
 
 
-def _replicate(layers, have: int, want: int, noise: float, gen) -> None:
+def _replicate(layers, have: int, want: int, noise: float, gen, sources: list[int]) -> None:
     import torch
 
     for layer in layers:
         reprs = layer.reprs[:have].clone()
         scale = noise * reprs.std()
         for b in range(have, want):
-            src = b % have
+            src = sources[b % len(sources)]
             layer.append(layer.kv[src], reprs[src] + scale * torch.randn(reprs[src].shape, generator=gen))
 
 
