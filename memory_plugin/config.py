@@ -72,13 +72,14 @@ class MemoryConfig:
     BENCHMARKS.md, section 2)."""
     max_cached_blocks: int = 64
     """Blocks per layer kept on the accelerator (LRU) when the model runs on one; unused on CPU."""
-    kv_quantization: str = "none"
-    """Storage of block KV: "none" (as computed), "bf16" (half the bytes) or "int8" (a quarter: one
-    float16 scale per channel of each block, and representative keys in int8 too). The local window
-    is never quantised. On disk, int8 is 11,850 bytes per token in blocks against 46,623 (float32),
-    about 12.0 KB per token of a 1M history (BENCHMARKS.md, section 6). Still "none" by default:
-    int8's greedy answers equalled float32's at 16k before its reprs were quantised too (format 3),
-    not yet measured since. A memory opened from disk keeps the storage it was written with."""
+    kv_quantization: str = "int8"
+    """Storage of block KV: "int8" (a quarter of float32: one float16 scale per channel of each
+    block, and representative keys in int8 too), "bf16" (half) or "none" (as computed, exact). The
+    local window is never quantised. On disk, int8 is 11,850 bytes per token in blocks against
+    46,623 (float32), about 12.0 KB per token of a 1M history; in RAM a quarter as much. The
+    default because at 16k its greedy answers (the passkey and three more prompts) are
+    token-identical to float32's in the same run (BENCHMARKS.md, section 6). A memory opened from
+    disk keeps the storage it was written with."""
     max_resident_bytes: int | None = None
     """RAM budget for the memory (window, init, representative keys and cached blocks). Blocks
     beyond it live in safetensors shards on disk (the memory's directory, or a temporary one) and

@@ -256,7 +256,7 @@ def test_a_memory_saved_before_a_config_field_existed_keeps_its_old_behaviour(tm
 
 
 def test_resident_bytes_stay_under_the_budget_and_answers_do_not_change(tiny_model, tiny_tokenizer):
-    budget = 700_000
+    budget = 450_000  # int8 blocks (the default): 40 messages hold ~520 KB unbounded
     cfg = testing.TINY_CONFIG
     bounded = ContextMemory(tiny_model, tiny_tokenizer, cfg.replace(max_resident_bytes=budget))
     unbounded = ContextMemory(tiny_model, tiny_tokenizer, cfg)

@@ -20,8 +20,8 @@ ASK = {"role": "user", "content": "What is the locker code?"}
 def make_pool(tmp_path, tiny_model, tiny_tokenizer):
     pools = []
 
-    def make(**kw):
-        pool = MemoryPool(tmp_path / "root", tiny_model, tiny_tokenizer, testing.TINY_CONFIG, **kw)
+    def make(config=testing.TINY_CONFIG, **kw):
+        pool = MemoryPool(tmp_path / "root", tiny_model, tiny_tokenizer, config, **kw)
         pools.append(pool)
         return pool
 
@@ -160,12 +160,15 @@ def test_retention_sweep_deletes_idle_surplus_and_oversized_threads_but_not_busy
 
 
 def test_a_ram_budget_closes_the_least_recent_idle_memories(make_pool):
-    probe = make_pool()
+    # float32 blocks: in int8 this short conversation holds less than a bounded memory reserves for
+    # its working buffers, so a budget of 2.5 such memories would not open even one.
+    cfg = testing.TINY_CONFIG.replace(kv_quantization="none")
+    probe = make_pool(cfg)
     with probe.conversation("acme", "probe", CONV) as c:
         one = c.memory.stats().bytes["host"]
     probe.close()
     budget = int(2.5 * one)  # two such memories fit, three do not
-    pool = make_pool(max_resident_bytes=budget)
+    pool = make_pool(cfg, max_resident_bytes=budget)
     for name in ("a", "b", "c"):
         with pool.conversation("acme", name, CONV) as c:
             assert c.memory.config.max_resident_bytes == budget  # each memory is bounded by it too
