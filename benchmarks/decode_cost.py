@@ -22,6 +22,14 @@ reads as many keys as ever; nothing else of a longer history (its RAM, its disk)
 transformers (a ``DynamicCache`` holding as many tokens as the memory's attention span, decoding
 one token) runs in the same process, in the same dtype.
 
+With ``--ingest TOKENS`` (issue 24, target 3) it times ingest instead of decoding: one loaded copy
+per length (the saved one, then each ``--grow`` length), and in each of ``--rounds`` interleaved
+rounds adds ``TOKENS`` of filler to every copy with one ``add_text`` call (the engine prefills it in
+``chunk_size`` pieces), rolled back after; tokens per second and the ratio to the saved copy, the
+medians of the rounds. Replicated blocks share KV, so this is the per-token cost of ingest as the
+history grows (selection over more representative keys, block appends, indexing), not the RAM or
+disk of a real history of that length.
+
 (At commit c1b340f this script also compared copying only the changed blocks into the gathered
 selection against gathering all of them: 1.3% at 66k tokens, so that path was taken out again;
 ``benchmarks/results/decode_cost_swap.json``.)
@@ -82,6 +90,44 @@ def _turn_s(mem, msg: str, repeats: int) -> float:
         times.append(CLOCK() - t)
         mem.rollback(cp)
     return statistics.median(times)
+
+
+def _ingest_s(mem, text: str) -> tuple[float, int]:
+    """Seconds (of CLOCK) to add ``text`` with ``add_text``, and the tokens it added; the memory is restored."""
+    cp = mem.checkpoint()
+    t = CLOCK()
+    n = mem.add_text(text)
+    dt = CLOCK() - t
+    mem.rollback(cp)
+    return dt, n
+
+
+def ingest24(a, mem) -> dict:
+    """``--ingest``: tokens per second of ``add_text`` on a copy of ``a.load`` per length, interleaved rounds."""
+    from memory_plugin import ContextMemory
+    from memory_plugin.tasks import FILLER
+
+    tok = mem.tokenizer
+    text = tok.decode(tok(FILLER * (a.ingest // 8 + 1), add_special_tokens=False)["input_ids"][: a.ingest])
+    copies = [mem]
+    for length in a.grow:  # each copy loaded fresh, sharing the model object
+        copies.append(ContextMemory.load(a.load, mem.model, tokenizer=tok))
+        replicate_blocks(copies[-1], length)
+    rounds = []
+    for r in range(a.rounds):
+        rounds.append([_ingest_s(c, text) for c in copies])
+        print(json.dumps({"round": r, "seconds": [s for s, _ in rounds[-1]]}), flush=True)
+    points = []
+    for i, (length, c) in enumerate(zip([len(mem), *a.grow], copies)):
+        tokens = rounds[0][i][1]
+        points.append({
+            "length": length, "blocks": len(c._engine.ctx.store), "ingest_tokens": tokens,
+            "ingest_s": statistics.median(rd[i][0] for rd in rounds),
+            "tokens_per_s": statistics.median(tokens / rd[i][0] for rd in rounds),
+            "rate_vs_first": statistics.median(rd[0][0] / rd[i][0] for rd in rounds),
+            "rounds_s": [rd[i][0] for rd in rounds],
+        })
+    return {"points": points}
 
 
 def _memory_decode_ms(mem, n: int) -> float:
@@ -180,6 +226,9 @@ def issue24(a) -> None:
     model, tok = mem.model, mem.tokenizer  # the memory's own model object: same dtype
     msg = _turn_message(tok)
     out = {"config": cfg.to_dict(), "span": span, "threads": torch.get_num_threads(), "clock": CLOCK.__name__, "code": _code_version(), "points": []}
+    if a.ingest:
+        out.update(ingest24(a, mem), rounds=a.rounds, load_average=os.getloadavg())
+        return _write(a, out)
     plain_step = _plain_decoder(model, tok, span)
     plain = _forward_ms(plain_step, a.tokens)
     out["plain_decode_ms"] = plain
@@ -215,6 +264,10 @@ def issue24(a) -> None:
         pt["decode_vs_first"] = pt["decode_ms"] / out["points"][0]["decode_ms"]
         if "turn_s" in pt:
             pt["turn_vs_first"] = pt["turn_s"] / out["points"][0]["turn_s"]
+    _write(a, out)
+
+
+def _write(a, out: dict) -> None:
     text = json.dumps(out, indent=1)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +280,8 @@ def main() -> None:
     p.add_argument("--load", type=Path, help="a saved memory to measure (issue 24 mode)")
     p.add_argument("--grow", type=int, nargs="*", default=[], help="with --load: lengths reached by replicated blocks")
     p.add_argument("--before", type=Path, help="with --load: a folder holding an older memory_plugin to compare, interleaved")
-    p.add_argument("--rounds", type=int, default=3, help="with --before: interleaved rounds per length")
+    p.add_argument("--rounds", type=int, default=3, help="with --before or --ingest: interleaved rounds per length")
+    p.add_argument("--ingest", type=int, default=0, help="with --load: time adding this many tokens of filler instead of decoding (0: off)")
     p.add_argument("--turn-repeats", type=int, default=3, help="with --load: turns timed per length (0: none)")
     p.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (use with --threads 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
