@@ -7,7 +7,8 @@ indexed so retrieval still finds it. A block that does not cram exactly keeps it
 
 When a cold block is selected, ``archive_mode`` decides:
 
-* ``rehydrate``: one forward pass over ``[vectors, block tokens]`` recomputes its KV; the logits
+* ``rehydrate``: one forward pass over ``[anchor, vectors, block tokens]`` (the anchor token if
+  the vectors were crammed after one, :func:`memory_plugin.vectors.anchor_token`) recomputes its KV; the logits
   of that pass are checked to decode the block's tokens (every argmax right is exactly what greedy
   decoding from the vectors would produce, in one pass instead of ``block_size`` steps). Kept in
   a small LRU.
@@ -27,7 +28,7 @@ import torch
 
 from .attention import apply_rope
 from .blocks import ColdBlock
-from .vectors import FAST_RECIPE, Recipe, cram_many
+from .vectors import FAST_RECIPE, Recipe, cram_many, memory_prefix
 
 
 _RUNNING: weakref.WeakSet = weakref.WeakSet()  # tiers whose worker thread was started
@@ -57,8 +58,13 @@ class ColdTier:
 
     # ------------------------------------------------------------------------ wiring
     def attach(self, ctx) -> None:
-        """Connect a (new) context's block store to this tier."""
+        """Connect a (new or restored) context's block store to this tier; in ``gist`` mode, compute
+        the gist of cold blocks that came without one (a saved memory keeps only their vectors)."""
         ctx.store.connect_cold_tier(self.engine.config.archive_mode, self._rehydrate, max(2 * self.engine.config.topk, 8))
+        if self.engine.config.archive_mode == "gist":
+            for cold in ctx.store.cold.values():
+                if cold.gist is None:
+                    cold.gist = self._gist(cold.vectors, ctx)
 
     def notify(self) -> None:
         """New history was added: wake the background worker if archiving is on."""
@@ -134,7 +140,7 @@ class ColdTier:
                     if not vecs.exact:
                         self.failed.add((b, tuple(seg)))  # never lose data: the block keeps its KV
                         continue
-                    gist = self._gist(vecs.tensor) if cfg.archive_mode == "gist" else None
+                    gist = self._gist(vecs) if cfg.archive_mode == "gist" else None
                     ctx.store.archive(b, ColdBlock(vecs, gist))
                     done += 1
             return done
@@ -178,28 +184,31 @@ class ColdTier:
         ctx = engine.ctx
         a, e = ctx.block_span(b)
         tokens = torch.tensor(ctx.tokens[a:e], device=engine.model.device)
-        vecs = ctx.store.cold[b].vectors.tensor.to(engine.model.device, engine.forward.dtype)
-        k, n = vecs.shape[0], len(tokens)
         with torch.inference_mode():
-            embeds = torch.cat([vecs, engine.forward.embed(tokens)])
+            prefix = memory_prefix(engine.model, ctx.store.cold[b].vectors)  # [anchor,] vectors
+            embeds = torch.cat([prefix.to(engine.forward.dtype), engine.forward.embed(tokens)])
+        p, n = len(prefix), len(tokens)
         logits, layers = self._forward_kv(embeds)
-        if not torch.equal(logits[k - 1 : k - 1 + n].argmax(-1), tokens):
+        if not torch.equal(logits[p - 1 : p - 1 + n].argmax(-1), tokens):
             self.decode_mismatches += 1  # the KV still comes from the true tokens (kept in the log)
         self.rehydrations += 1
-        actual, target = self._targets(n, k)
-        return self._memory_kv(layers, k, actual, target)
+        actual, target = self._targets(n, p)
+        return self._memory_kv(layers, p, actual, target)
 
-    def _gist(self, vectors: torch.Tensor) -> list[torch.Tensor]:
-        """KV of the vectors themselves, per layer, placed like the first tokens of a block."""
-        vecs = vectors.to(self.engine.model.device, self.engine.forward.dtype)
-        _, layers = self._forward_kv(vecs)
-        actual, target = self._targets(vecs.shape[0], 0)
-        return self._memory_kv(layers, 0, actual, target)
+    def _gist(self, vectors, ctx=None) -> list[torch.Tensor]:
+        """KV of the vectors themselves (after their anchor token, if any), per layer, placed like the
+        first tokens of a block."""
+        with torch.inference_mode():
+            prefix = memory_prefix(self.engine.model, vectors).to(self.engine.forward.dtype)
+        _, layers = self._forward_kv(prefix)
+        start = len(prefix) - vectors.n_vectors  # the anchor's own KV is not kept
+        actual, target = self._targets(vectors.n_vectors, start)
+        return self._memory_kv(layers, start, actual, target, ctx)
 
-    def _memory_kv(self, layers: list, start: int, actual: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    def _memory_kv(self, layers: list, start: int, actual: torch.Tensor, target: torch.Tensor, ctx=None) -> list[torch.Tensor]:
         """Block KV per memory layer from transformers' per-layer cache: sliding-window layers hold
         no memory; keys of layers without RoPE (SmolLM3) were never rotated."""
-        g = self.engine.ctx.g
+        g = (ctx or self.engine.ctx).g
         rotary = g.rotary or (True,) * g.n_layers
         out = []
         for i in g.memory_layers:

@@ -511,6 +511,8 @@ class Context:
             out[f"window_k.{i}"], out[f"window_v.{i}"] = w.k, w.v
         for b, cold in self.store.cold.items():  # the cold tier: memory vectors instead of KV
             out[f"cold.{b}"] = cold.vectors.tensor
+            if cold.vectors.anchor is not None:  # the token the vectors were crammed after
+                out[f"cold_anchor.{b}"] = torch.tensor([float(cold.vectors.anchor)])  # exact below 2**24
         return out, vars(lay).copy()
 
     def load_state(self, tensors: dict[str, torch.Tensor], layout: dict) -> None:
@@ -534,5 +536,8 @@ class Context:
         self.layout = lay
         for name, t in tensors.items():
             if name.startswith("cold."):
-                vecs = MemoryVectors(t, self.cfg.block_size, exact=True, steps=0, seconds=0.0)
-                self.store.archive(int(name.split(".")[1]), ColdBlock(vecs))
+                b = int(name.split(".")[1])
+                anchor = tensors.get(f"cold_anchor.{b}")  # absent: crammed with the vectors first
+                vecs = MemoryVectors(t, self.cfg.block_size, exact=True, steps=0, seconds=0.0,
+                                     anchor=None if anchor is None else int(anchor[0].item()))
+                self.store.archive(b, ColdBlock(vecs))

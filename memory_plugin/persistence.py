@@ -28,7 +28,8 @@ The files, format 3 (:data:`FORMAT_VERSION`; a manifest of a newer version is re
   ``win_v.l`` ``[Hkv, window, D]`` (the local window, never quantised: it is attended exactly),
   ``init_mass.l``/``win_mass.l`` ``[H, n]`` (attention mass that picks representative keys) and
   ``q_sum.l``; ``window_k.i``/``window_v.i`` for sliding-window layers; ``cold.b`` the memory
-  vectors of cold block ``b``; its metadata ``layout`` is the context's :class:`~memory_plugin.context.Layout` as JSON;
+  vectors of cold block ``b`` and ``cold_anchor.b`` (float32 ``[1]``, exact for ids below 2**24) the token they were crammed after
+  (absent: crammed with the vectors first); its metadata ``layout`` is the context's :class:`~memory_plugin.context.Layout` as JSON;
 * the log's ``entries`` rows hold ``token_ids`` as little-endian int32.
 
 Bytes per token on the embedded model and where they go: docs/BENCHMARKS.md, section 6.
@@ -494,6 +495,7 @@ def load_into(engine, directory: Path, manifest: Manifest, *, verify: bool, keep
     """Fill an empty engine from a saved memory (read-only: the directory is not changed)."""
     read_manifest_for(directory, engine.fingerprint, engine.model_name)
     entries, tail = restore(engine.ctx, directory, manifest, verify=verify)
+    engine.cold.attach(engine.ctx)  # cold blocks came back as vectors only
     engine.history.extend(entries)
     if not keep_disk:
         engine.ctx.store.detach_disk()
@@ -531,6 +533,7 @@ def open_into(engine, directory: Path, lock: DirLock, manifest: Manifest | None,
     if manifest is not None:  # validate everything before writing anything
         read_manifest_for(directory, engine.fingerprint, engine.model_name)
         entries, tail = restore(engine.ctx, directory, manifest, verify=verify)
+        engine.cold.attach(engine.ctx)  # cold blocks came back as vectors only
         engine.history.extend(entries)
     durable = Durable(directory, lock, engine.fingerprint, engine.model_name, engine.config, manifest, every)
     engine.replay(tail)

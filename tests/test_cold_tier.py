@@ -79,6 +79,8 @@ def test_cold_tier_survives_save_and_load(mem, tmp_path, tiny_model, tiny_tokeni
     mem.save(tmp_path / "m")
     back = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
     assert set(back._engine.ctx.store.cold) == set(mem._engine.ctx.store.cold)
+    anchors = {b: c.vectors.anchor for b, c in back._engine.ctx.store.cold.items()}
+    assert anchors == {b: c.vectors.anchor for b, c in mem._engine.ctx.store.cold.items()} and None not in anchors.values()
     assert back.generate("sky?", max_new_tokens=6, min_new_tokens=6) == answer
 
 
@@ -96,3 +98,13 @@ def test_bad_archive_settings():
         MemoryConfig(archive_mode="compress")
     with pytest.raises(ValueError, match="archive_vectors must be >= 1"):
         MemoryConfig(archive_vectors=0)
+
+
+def test_gist_mode_survives_save_and_load(tiny_model, tiny_tokenizer, tmp_path):
+    m = ContextMemory(tiny_model, tiny_tokenizer, CFG.replace(archive_mode="gist"))
+    m.add_text(TEXT * 3)
+    assert m.archive(older_than_tokens=0) > 0
+    answer = m.generate("sky?", max_new_tokens=6, min_new_tokens=6)
+    m.save(tmp_path / "m")
+    back = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
+    assert back.generate("sky?", max_new_tokens=6, min_new_tokens=6) == answer

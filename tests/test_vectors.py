@@ -11,6 +11,7 @@ from memory_plugin.vectors import (
     MemoryVectors,
     ModelMismatchError,
     Recipe,
+    anchor_token,
     cram,
     cram_many,
     decode,
@@ -28,7 +29,7 @@ def model():
 def test_a_short_segment_becomes_exact_and_decodes_back(model):
     v = cram(model, [17, 42], n_vectors=2, max_steps=300)
     assert v.exact and v.n_tokens == 2 and 0 < v.steps < 300
-    assert greedy_decode(model, v.tensor, 2) == [17, 42] == decode(model, v)
+    assert greedy_decode(model, v.tensor, 2, anchor=v.anchor) == [17, 42] == decode(model, v)
     assert v.tensor.shape == (2, model.config.hidden_size)
 
 
@@ -53,14 +54,14 @@ def test_converged_segments_freeze_while_others_keep_training(model):
     e, h = out[1], out[0]
     assert e.exact and e.steps < 60 and not h.exact and h.steps == 60
     # the frozen vectors are the ones that converged: they still decode exactly after the others trained on
-    assert greedy_decode(model, e.tensor, 1) == easy
+    assert greedy_decode(model, e.tensor, 1, anchor=e.anchor) == easy
 
 
 def test_batched_and_one_at_a_time_give_each_segment_its_own_vectors(model):
     segs = [[11], [12], [13]]
     out = cram_many(model, segs, n_vectors=1, max_steps=200, recipe=Recipe(batch_size=3))
     assert all(v.exact for v in out)
-    assert [greedy_decode(model, v.tensor, 1) for v in out] == segs
+    assert [greedy_decode(model, v.tensor, 1, anchor=v.anchor) for v in out] == segs
 
 
 def test_paper_recipe_is_the_papers_settings():
@@ -91,14 +92,27 @@ def test_a_segment_stops_at_the_first_greedy_check_that_decodes_it(model):
     r = Recipe(batch_size=2, check_every=7)
     easy, hard = [5], [3, 9, 27, 81, 243, 100, 200, 150]
     e, h = cram_many(model, [easy, hard], n_vectors=1, max_steps=70, recipe=r)
-    assert e.exact and e.steps < 70 and e.steps % 7 == 0  # stopped early, at a check
+    assert e.exact and e.steps < 70  # stopped early
     assert not h.exact and h.steps == 70
+
+
+def test_a_segment_is_checked_as_soon_as_teacher_forcing_is_right_not_only_periodically(model, monkeypatch):
+    calls = []
+    real = mv._decodes_exactly
+
+    def spy(model, vectors, targets, anchor=None):
+        calls.append(len(targets))
+        return real(model, vectors, targets, anchor)
+
+    monkeypatch.setattr(mv, "_decodes_exactly", spy)
+    (v,) = cram_many(model, [[5]], n_vectors=1, max_steps=500, recipe=Recipe(batch_size=1, check_every=1000))
+    assert v.exact and v.steps < 500 and calls  # no periodic check before step 500: a candidate check stopped it
 
 
 def test_the_stopping_rule_is_greedy_decoding_not_teacher_forcing(model, monkeypatch):
     seen = []
 
-    def never(model, vectors, targets):  # decoding disagrees, whatever teacher forcing says
+    def never(model, vectors, targets, anchor=None):  # decoding disagrees, whatever teacher forcing says
         seen.append(len(targets))
         return torch.zeros(len(targets), dtype=torch.bool)
 
@@ -106,25 +120,49 @@ def test_the_stopping_rule_is_greedy_decoding_not_teacher_forcing(model, monkeyp
     r = Recipe(batch_size=2, check_every=10)
     out = cram_many(model, [[5], [6]], n_vectors=1, max_steps=60, recipe=r)
     assert all(not v.exact and v.steps == 60 for v in out)
-    assert seen == [2] * 6  # both live segments, batched, every 10 steps
+    # both live segments, batched, every 10 steps; and checks in between where teacher forcing was
+    # right, which did not stop them
+    assert seen.count(2) >= 6 and len(seen) > 6
 
-    def always(model, vectors, targets):
+    def always(model, vectors, targets, anchor=None):
         return torch.ones(len(targets), dtype=torch.bool)
 
     monkeypatch.setattr(mv, "_decodes_exactly", always)
-    monkeypatch.setattr(mv, "greedy_decode", lambda m, v, n: [3, 9, 27, 81, 243, 100, 200, 150][:n])
+    monkeypatch.setattr(mv, "greedy_decode", lambda m, v, n, anchor=None: [3, 9, 27, 81, 243, 100, 200, 150][:n])
     (v,) = cram_many(model, [[3, 9, 27, 81, 243, 100, 200, 150]], n_vectors=1, max_steps=60, recipe=r)
     assert v.exact and v.steps == 10  # stopped at the first check, far from teacher-forced accuracy 1.0
 
 
-def test_batched_greedy_check_is_greedy_decoding(model):
+@pytest.mark.parametrize("anchor", [None, 7])
+def test_batched_greedy_check_is_greedy_decoding(model, anchor):
     torch.manual_seed(0)
     vecs = torch.randn(3, 2, model.config.hidden_size) * 0.05
-    decoded = [greedy_decode(model, v, 5) for v in vecs]
+    decoded = [greedy_decode(model, v, 5, anchor=anchor) for v in vecs]
     targets = torch.tensor([decoded[0], decoded[1][:4] + [(decoded[1][4] + 1) % 300], [(decoded[2][0] + 1) % 300] + decoded[2][1:]])
-    assert mv._decodes_exactly(model, vecs, targets).tolist() == [True, False, False]
+    assert mv._decodes_exactly(model, vecs, targets, anchor).tolist() == [True, False, False]
     short = torch.tensor([decoded[0][:2] + [-100] * 3])  # padding is not checked
-    assert mv._decodes_exactly(model, vecs[:1], short).tolist() == [True]
+    assert mv._decodes_exactly(model, vecs[:1], short, anchor).tolist() == [True]
+
+
+def test_vectors_are_crammed_and_decoded_after_the_models_start_token(model):
+    firsts = []  # what sat at position 0 in every pass that started a sequence with the vectors
+
+    def first(m, args, kw):
+        past = kw.get("past_key_values")  # not a cached decoding step, nor anchor_token's one-token probes
+        if (past is None or past.get_seq_length() == 0) and kw["inputs_embeds"].shape[1] > 1:
+            firsts.append(kw["inputs_embeds"][:, 0].clone())
+
+    hook = model.model.register_forward_pre_hook(first, with_kwargs=True)
+    try:
+        v = cram(model, [17, 42], n_vectors=2, max_steps=300)
+    finally:
+        hook.remove()
+    start = model.get_input_embeddings().weight[anchor_token(model)]
+    c = model.config
+    assert v.anchor == anchor_token(model) in {c.bos_token_id, c.eos_token_id, c.pad_token_id, 0}
+    assert firsts and all(torch.equal(x, start.expand_as(x)) for x in firsts)  # training, checks, verification
+    assert v.exact and decode(model, v) == [17, 42] == greedy_decode(model, v.tensor, 2, anchor=v.anchor)
+    assert cram(model, [17, 42], n_vectors=2, max_steps=300, recipe=PAPER_RECIPE).anchor is None
 
 
 def test_the_bf16_path_runs_the_model_in_bf16_and_its_vectors_decode_exactly_in_float32(model):
@@ -136,7 +174,7 @@ def test_the_bf16_path_runs_the_model_in_bf16_and_its_vectors_decode_exactly_in_
         hook.remove()
     assert torch.bfloat16 in dtypes and model.dtype == torch.float32
     assert all(v.exact and v.tensor.dtype == torch.float32 for v in out)
-    assert [greedy_decode(model, v.tensor, v.n_tokens) for v in out] == [[17, 42], [8]]  # float32 decoding
+    assert [greedy_decode(model, v.tensor, v.n_tokens, anchor=v.anchor) for v in out] == [[17, 42], [8]]  # float32
 
 
 def test_the_paper_recipe_runs_in_float32_and_stops_on_teacher_forced_accuracy(model):
@@ -151,15 +189,15 @@ def test_the_paper_recipe_runs_in_float32_and_stops_on_teacher_forced_accuracy(m
 
 def test_progressive_lengthening_reaches_the_whole_segment(model):
     v = cram(model, [17, 42], n_vectors=2, max_steps=300, recipe=Recipe(progressive=1, batch_size=1))
-    assert v.exact and greedy_decode(model, v.tensor, 2) == [17, 42]
+    assert v.exact and greedy_decode(model, v.tensor, 2, anchor=v.anchor) == [17, 42]
 
 
 def test_save_load_round_trip_and_refusal_with_another_model(model, tmp_path):
     v = cram(model, [17, 42], n_vectors=2, max_steps=300)
     v.save(tmp_path / "v.safetensors")
     back = MemoryVectors.load(tmp_path / "v.safetensors")
-    assert torch.equal(back.tensor, v.tensor.float()) and (back.n_tokens, back.exact, back.fingerprint) == (
-        2, True, v.fingerprint,
+    assert torch.equal(back.tensor, v.tensor.float()) and (back.n_tokens, back.exact, back.fingerprint, back.anchor) == (
+        2, True, v.fingerprint, anchor_token(model),
     )  # fmt: skip
     assert decode(model, back) == [17, 42]
     other = testing.tiny_llama(300, seed=5)
@@ -182,6 +220,8 @@ def test_bad_arguments(model, tmp_path):
         Recipe(progressive=-1)
     with pytest.raises(ValueError, match="Recipe.bf16"):
         Recipe(bf16="yes")
+    with pytest.raises(ValueError, match="Recipe.anchor"):
+        Recipe(anchor=1)
     (tmp_path / "x.safetensors").write_bytes(b"nope")
     with pytest.raises(Exception):
         MemoryVectors.load(tmp_path / "x.safetensors")
