@@ -512,7 +512,7 @@ class Context:
         for b, cold in self.store.cold.items():  # the cold tier: memory vectors instead of KV
             out[f"cold.{b}"] = cold.vectors.tensor
             if cold.vectors.anchor is not None:  # the token the vectors were crammed after
-                out[f"cold_anchor.{b}"] = torch.tensor([float(cold.vectors.anchor)])  # exact below 2**24
+                out[f"cold_anchor.{b}"] = torch.tensor([cold.vectors.anchor])  # int64
         return out, vars(lay).copy()
 
     def load_state(self, tensors: dict[str, torch.Tensor], layout: dict) -> None:

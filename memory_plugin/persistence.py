@@ -28,7 +28,7 @@ The files, format 3 (:data:`FORMAT_VERSION`; a manifest of a newer version is re
   ``win_v.l`` ``[Hkv, window, D]`` (the local window, never quantised: it is attended exactly),
   ``init_mass.l``/``win_mass.l`` ``[H, n]`` (attention mass that picks representative keys) and
   ``q_sum.l``; ``window_k.i``/``window_v.i`` for sliding-window layers; ``cold.b`` the memory
-  vectors of cold block ``b`` and ``cold_anchor.b`` (float32 ``[1]``, exact for ids below 2**24) the token they were crammed after
+  vectors of cold block ``b`` and ``cold_anchor.b`` (int64 ``[1]``) the token they were crammed after
   (absent: crammed with the vectors first); its metadata ``layout`` is the context's :class:`~memory_plugin.context.Layout` as JSON;
 * the log's ``entries`` rows hold ``token_ids`` as little-endian int32.
 

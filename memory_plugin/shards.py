@@ -159,7 +159,7 @@ class ShardSet:
             self.forget(f)
 
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8}
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8, "I64": torch.int64}
 
 
 @contextlib.contextmanager
