@@ -12,6 +12,9 @@ When a cold block is selected, ``archive_mode`` decides:
   of that pass are checked to decode the block's tokens (every argmax right is exactly what greedy
   decoding from the vectors would produce, in one pass instead of ``block_size`` steps). Kept in
   a small LRU.
+* ``recompute``: the same forward pass over ``[anchor, block tokens]`` alone. No block is crammed:
+  a block goes cold as soon as it is old enough, and its cold form costs nothing beyond its token
+  ids. This is what rehydrating from vectors is measured against (docs/BENCHMARKS.md section 7).
 * ``gist``: the KV of the vectors themselves is attended, as ``archive_vectors`` soft tokens.
 * ``drop``: the block is skipped (the baseline the other two are measured against).
 
@@ -28,7 +31,8 @@ import torch
 
 from .attention import apply_rope
 from .blocks import ColdBlock
-from .vectors import FAST_RECIPE, Recipe, cram_many, memory_prefix
+from .policies import COLD_MODES
+from .vectors import FAST_RECIPE, Recipe, anchor_token, cram_many, memory_prefix
 
 
 _RUNNING: weakref.WeakSet = weakref.WeakSet()  # tiers whose worker thread was started
@@ -55,6 +59,7 @@ class ColdTier:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._busy = threading.Lock()
+        self._anchor: int | None = None  # anchor_token(model), the prefix of a recomputed block
 
     # ------------------------------------------------------------------------ wiring
     def attach(self, ctx) -> None:
@@ -122,6 +127,10 @@ class ColdTier:
                 blocks = [b for b in self._candidates(older_than) if only is None or b in only][:limit]
                 ctx = self.engine.ctx
                 segs = [ctx.tokens[slice(*ctx.block_span(b))] for b in blocks]
+                if blocks and not COLD_MODES[cfg.archive_mode].vectors:  # recompute: token ids suffice
+                    for b in blocks:
+                        ctx.store.archive(b, ColdBlock())
+                    return len(blocks)
             if not blocks:
                 return 0
             # No lock while optimising: ingestion and answering go on meanwhile.
@@ -179,17 +188,24 @@ class ColdTier:
         return out.logits[0], [(layer.keys[0], layer.values[0]) for layer in cache.layers]
 
     def _rehydrate(self, b: int) -> list[torch.Tensor]:
-        """KV of cold block ``b`` for every layer, recomputed with its vectors as context."""
+        """KV of cold block ``b`` for every layer, recomputed with its vectors as context (after the
+        anchor token alone when it has none: ``recompute`` mode)."""
         engine = self.engine
         ctx = engine.ctx
         a, e = ctx.block_span(b)
         tokens = torch.tensor(ctx.tokens[a:e], device=engine.model.device)
+        vectors = ctx.store.cold[b].vectors
         with torch.inference_mode():
-            prefix = memory_prefix(engine.model, ctx.store.cold[b].vectors)  # [anchor,] vectors
+            if vectors is not None:
+                prefix = memory_prefix(engine.model, vectors)  # [anchor,] vectors
+            else:
+                if self._anchor is None:
+                    self._anchor = anchor_token(engine.model)
+                prefix = engine.forward.embed(torch.tensor([self._anchor], device=engine.model.device))
             embeds = torch.cat([prefix.to(engine.forward.dtype), engine.forward.embed(tokens)])
         p, n = len(prefix), len(tokens)
         logits, layers = self._forward_kv(embeds)
-        if not torch.equal(logits[p - 1 : p - 1 + n].argmax(-1), tokens):
+        if vectors is not None and not torch.equal(logits[p - 1 : p - 1 + n].argmax(-1), tokens):
             self.decode_mismatches += 1  # the KV still comes from the true tokens (kept in the log)
         self.rehydrations += 1
         actual, target = self._targets(n, p)

@@ -103,12 +103,14 @@ class MemoryConfig:
 
     archive_after_tokens: int | None = None
     """Blocks whose tokens are all older than this many tokens are crammed into memory vectors in a
-    background thread and, when exact, lose their KV (the cold tier). None: never."""
+    background thread and, when exact, lose their KV (the cold tier; in ``recompute`` mode they lose
+    it without cramming). None: never."""
     archive_vectors: int = 2
     """Memory vectors per archived block."""
     archive_mode: str = "rehydrate"
-    """What attention does with a selected cold block: "rehydrate" (recompute its KV), "gist"
-    (attend to its vectors' KV) or "drop" (skip it)."""
+    """What attention does with a selected cold block: "rehydrate" (recompute its KV with its memory
+    vectors as context), "recompute" (recompute its KV from its token ids alone: no cramming),
+    "gist" (attend to its vectors' KV) or "drop" (skip it)."""
     archive_max_steps: int = 500
     """Optimisation steps per archived block before it is declared not crammable (it keeps its KV)."""
 

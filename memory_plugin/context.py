@@ -509,10 +509,16 @@ class Context:
             out[f"q_sum.{i}"] = st.q_sum
         for i, w in self.windows.items():  # sliding-window layers, by model layer
             out[f"window_k.{i}"], out[f"window_v.{i}"] = w.k, w.v
+        recompute = []  # cold blocks without vectors: their token ids (in the log) are enough
         for b, cold in self.store.cold.items():  # the cold tier: memory vectors instead of KV
+            if cold.vectors is None:
+                recompute.append(b)
+                continue
             out[f"cold.{b}"] = cold.vectors.tensor
             if cold.vectors.anchor is not None:  # the token the vectors were crammed after
                 out[f"cold_anchor.{b}"] = torch.tensor([cold.vectors.anchor])  # int64
+        if recompute:
+            out["cold_recompute"] = torch.tensor(recompute, dtype=torch.int64)
         return out, vars(lay).copy()
 
     def load_state(self, tensors: dict[str, torch.Tensor], layout: dict) -> None:
@@ -541,3 +547,5 @@ class Context:
                 vecs = MemoryVectors(t, self.cfg.block_size, exact=True, steps=0, seconds=0.0,
                                      anchor=None if anchor is None else int(anchor[0].item()))
                 self.store.archive(b, ColdBlock(vecs))
+        for b in tensors.get("cold_recompute", torch.zeros(0, dtype=torch.int64)).tolist():
+            self.store.archive(b, ColdBlock())

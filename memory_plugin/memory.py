@@ -406,7 +406,8 @@ class ContextMemory:
 
     def archive(self, older_than_tokens: int | None = None) -> int:
         """Cram now every block older than ``older_than_tokens`` (default: the config's
-        ``archive_after_tokens``, else 0) into the cold tier; returns how many blocks went cold."""
+        ``archive_after_tokens``, else 0) into the cold tier (``archive_mode="recompute"``: drop
+        their KV, nothing to cram); returns how many blocks went cold."""
         older = older_than_tokens if older_than_tokens is not None else (self.config.archive_after_tokens or 0)
         if isinstance(older, bool) or not isinstance(older, int) or older < 0:
             raise ValueError(f"older_than_tokens must be a non-negative int, got {older_than_tokens!r}")

@@ -204,20 +204,33 @@ class BlockCodec:
 
 
 # ----------------------------------------------------------------------------------------- cold modes
-# What a selected cold block (KV dropped for memory vectors, see memory_plugin.archive) gives
-# attention: ``attend(cold, layer, rehydrated)`` -> its ``[2, Hkv, n, D]`` or None; ``rehydrated()``
-# recomputes the block's KV and returns it as any stored block.
+# What a selected cold block (KV dropped, see memory_plugin.archive) gives attention:
+# ``attend(cold, layer, rehydrated)`` -> its ``[2, Hkv, n, D]`` or None; ``rehydrated()`` recomputes
+# the block's KV and returns it as any stored block. ``vectors``: whether a block must first be
+# crammed into memory vectors (exactly) to go cold.
 @dataclass(frozen=True)
 class Rehydrate:
     """Recompute the block's KV with its memory vectors as context; attend to it like any block."""
+
+    vectors: bool = True
 
     def attend(self, cold, layer: int, rehydrated) -> torch.Tensor | None:
         return rehydrated()
 
 
 @dataclass(frozen=True)
+class Recompute(Rehydrate):
+    """Recompute the block's KV from its token ids alone (kept anyway, 4 bytes a token), after the
+    anchor token: no cramming, so a block goes cold the moment it is old enough."""
+
+    vectors: bool = False
+
+
+@dataclass(frozen=True)
 class Gist:
     """Attend to the KV of the block's memory vectors themselves (a few keys for ``block_size``)."""
+
+    vectors: bool = True
 
     def attend(self, cold, layer: int, rehydrated) -> torch.Tensor | None:
         return cold.gist[layer]
@@ -227,9 +240,11 @@ class Gist:
 class Drop:
     """Leave the block out: only its representative keys stay (it can still be selected)."""
 
+    vectors: bool = True
+
     def attend(self, cold, layer: int, rehydrated) -> torch.Tensor | None:
         return None
 
 
-COLD_MODES = {"rehydrate": Rehydrate(), "gist": Gist(), "drop": Drop()}
+COLD_MODES = {"rehydrate": Rehydrate(), "recompute": Recompute(), "gist": Gist(), "drop": Drop()}
 """``MemoryConfig.archive_mode`` -> what a selected cold block contributes."""

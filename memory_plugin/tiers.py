@@ -257,10 +257,11 @@ class RamTier:
 
 @dataclass
 class ColdBlock:
-    """A block whose KV was dropped: the memory vectors that reproduce its tokens, and (gist mode)
-    the KV of those vectors per layer, ``[2, Hkv, n_vectors, D]``."""
+    """A block whose KV was dropped: the memory vectors that reproduce its tokens (None in
+    ``recompute`` mode: its token ids are enough), and (gist mode) the KV of those vectors per
+    layer, ``[2, Hkv, n_vectors, D]``."""
 
-    vectors: object  # memory_plugin.vectors.MemoryVectors
+    vectors: object = None  # memory_plugin.vectors.MemoryVectors
     gist: list[torch.Tensor] | None = None
 
 
@@ -314,4 +315,7 @@ class ColdBlocks(Mapping[int, ColdBlock]):
             self.rehydrated.pop(b, None)
 
     def nbytes(self) -> int:
-        return sum(_size(c.vectors.tensor) + sum(_size(g) for g in c.gist or []) for c in self.blocks.values())
+        return sum(
+            (_size(c.vectors.tensor) if c.vectors is not None else 0) + sum(_size(g) for g in c.gist or [])
+            for c in self.blocks.values()
+        )

@@ -2,6 +2,7 @@
 so blocks here are 2 tokens; the real-model test (test_real_model.py) archives a planted fact."""
 
 import pytest
+import torch
 
 from memory_plugin import ContextMemory, MemoryConfig
 
@@ -43,7 +44,7 @@ def test_a_block_that_does_not_cram_exactly_keeps_its_kv(tiny_model, tiny_tokeni
     assert _state(m._engine.ctx) == before and m.stats().blocks_by_tier["cold"] == 0
 
 
-@pytest.mark.parametrize("mode", ["rehydrate", "gist", "drop"])
+@pytest.mark.parametrize("mode", ["rehydrate", "recompute", "gist", "drop"])
 def test_selected_cold_blocks_are_rehydrated_gisted_or_dropped(tiny_model, tiny_tokenizer, mode):
     m = ContextMemory(tiny_model, tiny_tokenizer, CFG.replace(archive_mode=mode))
     m.add_text(TEXT * 3)
@@ -51,7 +52,7 @@ def test_selected_cold_blocks_are_rehydrated_gisted_or_dropped(tiny_model, tiny_
     answer = m.generate("sky?", max_new_tokens=6, min_new_tokens=6)
     assert isinstance(answer, str) and answer
     store = m._engine.ctx.store
-    if mode == "rehydrate":
+    if mode in ("rehydrate", "recompute"):
         assert m._engine.cold.rehydrations > 0 and m._engine.cold.decode_mismatches == 0
         b = next(iter(store.cold.rehydrated))
         assert store.block(0, b).shape == (2, 2, CFG.block_size, 16)
@@ -108,3 +109,39 @@ def test_gist_mode_survives_save_and_load(tiny_model, tiny_tokenizer, tmp_path):
     m.save(tmp_path / "m")
     back = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
     assert back.generate("sky?", max_new_tokens=6, min_new_tokens=6) == answer
+
+
+def test_recompute_mode_drops_kv_without_cramming_and_recomputes_it_from_token_ids(tiny_model, tiny_tokenizer):
+    # one optimisation step crams nothing exactly: in the vector modes no block would go cold
+    cfg = CFG.replace(archive_mode="recompute", archive_max_steps=1, kv_quantization="none")
+    m = ContextMemory(tiny_model, tiny_tokenizer, cfg)
+    m.add_text(TEXT * 3)
+    store = m._engine.ctx.store
+    before = {b: [store.block(i, b).clone() for i in range(len(store.layers))] for b in range(len(store))}
+    went_cold = m.archive(older_than_tokens=0)
+    st = m.stats()
+    assert went_cold == len(store) and st.blocks_by_tier["cold"] == went_cold
+    assert st.bytes["cold"] == 0  # nothing but the token ids, which the log keeps anyway
+    assert all(c.vectors is None for c in store.cold.values())
+    for b, layers in before.items():
+        again = torch.stack(store.fetch(0, [b]))  # selected: recomputed from its token ids
+        # the first layer's KV depends on each token alone: recomputed exactly (up to RoPE rounding)
+        assert torch.allclose(again, layers[0], atol=1e-5)
+    assert m._engine.cold.rehydrations >= len(before)
+    assert m.generate("sky?", max_new_tokens=4, min_new_tokens=4)
+
+
+def test_recompute_mode_survives_save_and_load_and_archives_in_the_background(tiny_model, tiny_tokenizer, tmp_path):
+    m = ContextMemory(tiny_model, tiny_tokenizer, CFG.replace(archive_mode="recompute", archive_after_tokens=20))
+    m.add_text(TEXT * 3)
+    m._engine.cold.wait()
+    cold = set(m._engine.ctx.store.cold)
+    assert cold and all(m._engine.ctx.block_span(b)[1] <= len(m) - 20 for b in cold)
+    answer = m.generate("sky?", max_new_tokens=6, min_new_tokens=6)
+    m.save(tmp_path / "m")
+    m.close()
+    back = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
+    assert set(back._engine.ctx.store.cold) == cold
+    assert all(c.vectors is None for c in back._engine.ctx.store.cold.values())
+    assert back.generate("sky?", max_new_tokens=6, min_new_tokens=6) == answer
+    back.close()
