@@ -64,11 +64,12 @@ class ColdTier:
     # ------------------------------------------------------------------------ wiring
     def attach(self, ctx) -> None:
         """Connect a (new or restored) context's block store to this tier; in ``gist`` mode, compute
-        the gist of cold blocks that came without one (a saved memory keeps only their vectors)."""
+        the gist of cold blocks that came without one (a saved memory keeps only their vectors;
+        a block archived in ``recompute`` mode has none, and is recomputed when selected)."""
         ctx.store.connect_cold_tier(self.engine.config.archive_mode, self._rehydrate, max(2 * self.engine.config.topk, 8))
         if self.engine.config.archive_mode == "gist":
             for cold in ctx.store.cold.values():
-                if cold.gist is None:
+                if cold.gist is None and cold.vectors is not None:
                     cold.gist = self._gist(cold.vectors, ctx)
 
     def notify(self) -> None:
@@ -194,7 +195,7 @@ class ColdTier:
         ctx = engine.ctx
         a, e = ctx.block_span(b)
         tokens = torch.tensor(ctx.tokens[a:e], device=engine.model.device)
-        vectors = ctx.store.cold[b].vectors
+        vectors = ctx.store.cold[b].vectors if COLD_MODES[engine.config.archive_mode].vectors else None
         with torch.inference_mode():
             if vectors is not None:
                 prefix = memory_prefix(engine.model, vectors)  # [anchor,] vectors

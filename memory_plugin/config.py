@@ -110,12 +110,16 @@ class MemoryConfig:
     archive_mode: str = "rehydrate"
     """What attention does with a selected cold block: "rehydrate" (recompute its KV with its memory
     vectors as context), "recompute" (recompute its KV from its token ids alone: no cramming),
-    "gist" (attend to its vectors' KV) or "drop" (skip it)."""
+    "gist" (attend to its vectors' KV) or "drop" (skip it). A saved memory may be opened with
+    another mode: a cold block without vectors is recomputed in the vector modes (gist included),
+    and one with vectors is recomputed without them in "recompute" mode."""
     archive_max_steps: int = 500
     """Optimisation steps per archived block before it is declared not crammable (it keeps its KV)."""
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("max_resident_bytes", "recall_k", "recall_max_tokens")
     """Fields that choose how a memory is used, not what it holds: a saved memory may be opened with others."""
+    SWITCHABLE_FIELDS: ClassVar[tuple[str, ...]] = ("archive_mode",)
+    """Saved with a memory (what it loads with), but it may be opened or loaded with another value."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "n_local", "repr_topk", "chunk_size", "mass_stride", "max_cached_blocks"):

@@ -442,16 +442,21 @@ class ContextMemory:
         dtype=None,
         max_resident_bytes: int | None = None,
         verify: bool = True,
+        archive_mode: str | None = None,
     ) -> ContextMemory:
         """A memory read from a directory written by :meth:`save` or :meth:`open`; the directory is
         not changed or locked. ``model``: None for the model it was saved with (embedded default or
         its recorded path/id), a path/id, or a loaded transformers model (then pass ``tokenizer``).
+        ``archive_mode``: what a selected cold block gives attention (default: as saved; see
+        :class:`~memory_plugin.MemoryConfig`).
         A different model, a newer format, or a truncated or corrupted file raises
         :class:`~memory_plugin.persistence.MemoryFormatError` naming the file."""
         path = Path(path)
         manifest = _p.Manifest.read(path)
         hf, tok, name = resolve(model, tokenizer, manifest.model_name, device, dtype)
         cfg = MemoryConfig(**manifest.config, max_resident_bytes=max_resident_bytes)
+        if archive_mode is not None:
+            cfg = cfg.replace(archive_mode=archive_mode)  # validated: a bad mode is refused by name
         # Under a RAM budget blocks stay on disk: in links to the (immutable) shards, set aside.
         spill = _p.spill_copy(path, manifest) if max_resident_bytes is not None else None
         mem = cls(hf, tok, cfg, model_name=name, _spill_dir=spill or path)

@@ -514,12 +514,13 @@ _KEPT_FROM_SAVED = ("kv_quantization",)
 
 def open_config(directory: Path, manifest: Manifest | None, config):
     """The config an opened memory runs with: the saved one, with the runtime fields (how it is
-    used, not what it holds) taken from ``config``; the storage of its blocks is the saved one's
+    used, not what it holds) taken from ``config``, and the switchable ones from it when given; the storage of its blocks is the saved one's
     (``kv_quantization``); any other difference is an error."""
     if manifest is None:
         return config or MemoryConfig()
     saved = MemoryConfig(**manifest.config)
     runtime = {k: getattr(config or MemoryConfig(), k) for k in MemoryConfig.RUNTIME_FIELDS}
+    runtime |= {k: getattr(config or saved, k) for k in MemoryConfig.SWITCHABLE_FIELDS}
     runtime["max_resident_bytes"] = config.max_resident_bytes if config is not None else None
     kept = {k: getattr(saved, k) for k in (*runtime, *_KEPT_FROM_SAVED)}
     if config is not None and config.replace(**kept) != saved:

@@ -228,12 +228,13 @@ class Recompute(Rehydrate):
 
 @dataclass(frozen=True)
 class Gist:
-    """Attend to the KV of the block's memory vectors themselves (a few keys for ``block_size``)."""
+    """Attend to the KV of the block's memory vectors themselves (a few keys for ``block_size``);
+    a block archived without vectors (``recompute`` mode) is recomputed instead."""
 
     vectors: bool = True
 
     def attend(self, cold, layer: int, rehydrated) -> torch.Tensor | None:
-        return cold.gist[layer]
+        return cold.gist[layer] if cold.gist is not None else rehydrated()
 
 
 @dataclass(frozen=True)

@@ -145,3 +145,28 @@ def test_recompute_mode_survives_save_and_load_and_archives_in_the_background(ti
     assert all(c.vectors is None for c in back._engine.ctx.store.cold.values())
     assert back.generate("sky?", max_new_tokens=6, min_new_tokens=6) == answer
     back.close()
+
+
+@pytest.mark.parametrize("saved_mode", ["rehydrate", "recompute"])
+def test_a_saved_memory_opens_with_another_cold_mode(tiny_model, tiny_tokenizer, tmp_path, saved_mode):
+    m = ContextMemory(tiny_model, tiny_tokenizer, CFG.replace(archive_mode=saved_mode))
+    m.add_text(TEXT * 3)
+    assert m.archive(older_than_tokens=0) > 0
+    m.save(tmp_path / "m")
+    for mode in ("rehydrate", "recompute", "gist", "drop"):
+        back = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, archive_mode=mode)
+        assert back.config.archive_mode == mode and set(back._engine.ctx.store.cold) == set(m._engine.ctx.store.cold)
+        assert back.generate("sky?", max_new_tokens=4, min_new_tokens=4)
+        cold = back._engine.cold
+        has_vectors = saved_mode != "recompute"
+        # what a selected cold block became: recomputed, unless gisted (vectors) or dropped
+        recomputed = mode in ("rehydrate", "recompute") or (mode == "gist" and not has_vectors)
+        assert (cold.rehydrations > 0) == recomputed, (saved_mode, mode)
+        if mode == "gist" and has_vectors:
+            assert all(c.gist is not None for c in back._engine.ctx.store.cold.values())
+    with pytest.raises(ValueError, match="archive_mode"):
+        ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, archive_mode="compress")
+    with ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer) as opened:  # no config: as saved
+        assert opened.config.archive_mode == saved_mode
+    with ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=CFG.replace(archive_mode="drop")) as opened:
+        assert opened.config.archive_mode == "drop" and len(opened._engine.ctx.store.cold) > 0
