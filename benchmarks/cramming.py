@@ -9,7 +9,8 @@ text is the same vocabulary shuffled. Success is exact greedy reconstruction, ve
     python benchmarks/cramming.py compare --length 16 --segments 8 --budget-s 420 --paper-budget-s 300 --cpu-time
     python benchmarks/cramming.py steps      # seconds per optimisation step, float32 against bf16
     python benchmarks/cramming.py bytes
-    python benchmarks/cramming.py cold --facts 5     # a fact in a cold block: rehydrate vs gist vs drop
+
+The cold tier (kept KV / recompute / rehydrate / gist / drop) is benchmarks/cold_tier.py.
 """
 
 from __future__ import annotations
@@ -205,37 +206,6 @@ def step_cost(model, shapes=((1, 16), (8, 16), (1, 32), (8, 32), (8, 64))) -> li
     return rows
 
 
-def cold(model, tok, n_facts: int, max_steps: int) -> list[dict]:
-    """A fact in a block that went cold, answered with its KV (before archiving), then with the
-    block rehydrated, attended as gist vectors, or dropped. Small blocks (32 tokens) so one
-    vector holds a block."""
-    from memory_plugin import ContextMemory, MemoryConfig
-    from memory_plugin.tasks import FILLER, passkey
-    from memory_plugin.policies import COLD_MODES
-
-    cfg = MemoryConfig(
-        block_size=32, n_init=32, n_local=256, topk=2, chunk_size=128,
-        archive_vectors=1, archive_max_steps=max_steps, archive_mode="gist",
-    )
-    rows = []
-    for f in range(n_facts):
-        key = passkey(500 + f)
-        mem = ContextMemory(model, tok, cfg)
-        mem.add_text(FILLER * (2 + f) + f"\nThe vault code is {key}.\n" + FILLER * 20)
-        block = next(b for b in range(mem.stats().blocks) if key in tok.decode(mem.token_ids[slice(*mem._engine.ctx.block_span(b))]))
-        question = "\nThe vault code is"
-        row = {"key": key, "kv": mem.generate(question, max_new_tokens=6, chat=False)}
-        t = time.perf_counter()
-        row["crammed"] = mem._engine.cold.archive(0, only={block}) == 1
-        row["cram_seconds"] = time.perf_counter() - t
-        for mode in ("rehydrate", "gist", "drop"):
-            mem._engine.ctx.store.cold.mode = COLD_MODES[mode]  # benchmark only: the mode is a config field
-            row[mode] = mem.generate(question, max_new_tokens=6, chat=False) if row["crammed"] else None
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
-
-
 def torch_seed(s: int) -> None:
     import torch
 
@@ -286,10 +256,6 @@ def main() -> None:
     st = sub.add_parser("steps")
     st.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/steps.json"))
     sub.add_parser("bytes")
-    cd = sub.add_parser("cold")
-    cd.add_argument("--facts", type=int, default=5)
-    cd.add_argument("--max-steps", type=int, default=1500)
-    cd.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/cold.json"))
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine two "
                    "OpenMP threads spin-wait on each other when preempted; a step took 14.7 s instead of ~0.3)")
     a = p.parse_args()
@@ -312,9 +278,6 @@ def main() -> None:
     elif a.cmd == "steps":
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(step_cost(model), indent=1))
-    elif a.cmd == "cold":
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(cold(model, tok, a.facts, a.max_steps), indent=1))
     else:
         print(json.dumps(bytes_per_token(model), indent=1))
 

@@ -108,3 +108,15 @@ def test_a_fact_in_a_cold_block_is_answered_after_rehydration(smol):
     assert mem._engine.ctx.store.layers[0].kv[span] is None  # its KV is gone
     answer = mem.generate("\nThe vault code is", max_new_tokens=6, chat=False)
     assert "58213" in answer and mem._engine.cold.rehydrations > 0
+
+
+def test_a_fact_in_a_block_recomputed_from_its_token_ids_is_answered(smol):
+    # recompute mode needs no cramming, so this one runs in `make test` (seconds)
+    model, tok = smol
+    cfg = MemoryConfig(block_size=32, n_init=32, n_local=256, topk=2, chunk_size=128, archive_mode="recompute")
+    mem = ContextMemory(model, tok, cfg)
+    mem.add_text(FILLER * 3 + "\nThe vault code is 58213.\n" + FILLER * 20)
+    went_cold = mem.archive(older_than_tokens=cfg.n_local)  # everything outside the local window
+    assert went_cold > 0 and mem.stats().blocks_by_tier["cold"] == went_cold
+    answer = mem.generate("\nThe vault code is", max_new_tokens=6, chat=False, recall=0)
+    assert "58213" in answer and mem._engine.cold.rehydrations > 0
