@@ -151,9 +151,21 @@ class BlockStore:
             del encs
             for i, layer in enumerate(self.layers):
                 for b in range(first, last):
-                    if layer.kv[b] is not None:
+                    if layer.kv[b] is not None and b not in self.cold:  # rehydrated KV is not on disk
                         self.ram.mark_clean((i, b), layer.kv[b])
         return written
+
+    def reclaim_cold(self) -> list[str]:
+        """Rewrite the shards that still hold the KV of blocks gone cold since, without it (reprs
+        stay); returns the replaced files, to delete once the manifest names the new ones."""
+        old = []
+        for k, s in enumerate(list(self.disk.shards) if self.disk is not None else []):
+            ids = range(s.first, s.first + s.n)
+            if not any(b in self.cold and self.disk.has_kv(b) for b in ids):
+                continue
+            encs = [[None if b in self.cold else self.disk.read(i, b) for b in ids] for i in range(len(self.layers))]
+            old.append(self.disk.rewrite(k, encs, [self.stored_reprs(i, s.first, s.first + s.n) for i in range(len(self.layers))]))
+        return old
 
     def flush_nbytes(self) -> int:
         """RAM a flush may use beyond the blocks themselves: one shard stacked and serialised."""
@@ -241,12 +253,11 @@ class BlockStore:
             self._drop_kv(old)
         return self._cached(layer, b)
 
-    def stored(self, layer: int, b: int) -> dict:
-        """Block ``b`` of ``layer`` encoded as stored, for writing out; a cold block (no KV) is a
-        zero placeholder, never read back (the snapshot marks it cold)."""
-        if self.is_cold(b, layer):
-            shape = (2, self.n_kv_heads, self.block_size, self.head_dim)
-            return self.codec.encode(torch.zeros(shape, dtype=self.codec.dtype))
+    def stored(self, layer: int, b: int) -> dict | None:
+        """Block ``b`` of ``layer`` encoded as stored, for writing out; None for a cold block (its
+        shard holds no KV for it, even while its KV is rehydrated)."""
+        if b in self.cold:
+            return None
         return self._encoded(layer, b)
 
     def stored_reprs(self, layer: int, first: int, last: int) -> dict:
@@ -290,7 +301,8 @@ class BlockStore:
         if resident:
             for i in range(len(self.layers)):
                 for b in range(n):
-                    self._encoded(i, b)
+                    if self.disk.has_kv(b):  # a cold block's shard has no KV for it
+                        self._encoded(i, b)
 
     def detach_disk(self) -> None:
         """Keep every block in RAM only (after loading a saved memory without a RAM budget)."""

@@ -15,7 +15,7 @@ A memory directory holds::
 Loading takes the snapshot and shards named by the manifest and re-encodes the log entries that
 came after the snapshot, so a process killed at any moment loses nothing it acknowledged.
 
-The files, format 3 (:data:`FORMAT_VERSION`; a manifest of a newer version is refused with a
+The files, format 4 (:data:`FORMAT_VERSION`; a manifest of a newer version is refused with a
 :class:`MemoryFormatError` naming it, older ones are read as written):
 
 * a shard (safetensors; metadata ``first``, ``n``) holds per memory layer ``l``: ``kv.l``
@@ -57,7 +57,7 @@ from .config import MemoryConfig
 from .history import spans
 from .loading import model_fingerprint  # noqa: F401  (its old home: re-exported)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Layout history; every older layout is read as it was written:
 
 * 1: the log is ``log.sqlite``;
@@ -65,7 +65,11 @@ FORMAT_VERSION = 3
 * 3: with ``kv_quantization="int8"``, KV scales in float16 (were float32) and representative keys
   in int8 with a float16 scale per block and head (were as computed, float32): 900 -> 319 bytes
   per token of blocks on the embedded model (docs/BENCHMARKS.md, section 6). A shard without ``repr_scale.l`` holds reprs as computed,
-  so a memory opened from format 2 keeps its old shards and writes new ones in format 3."""
+  so a memory opened from format 2 keeps its old shards and writes new ones in format 3;
+* 4: a shard holds no KV for blocks in the cold tier (metadata ``cold``; their representative keys
+  stay), and an open memory's snapshot rewrites the shards of blocks gone cold since. A shard
+  without ``cold`` holds every block's KV. An older reader would misread such a shard, hence the
+  version."""
 # Config fields added after format 1 was first written, with the value that reproduces how a memory
 # saved without them was built (a newer default must not silently change an old memory).
 _CONFIG_BEFORE_FIELD = {"relevance": "dot"}
@@ -335,8 +339,11 @@ class Durable:
 
 
 def write_snapshot(directory: Path, ctx, history, config, fingerprint: str, model_name: str, log: str = LOG) -> Manifest:
-    """Blocks not yet on disk -> a new shard; window state -> a new state file; then the manifest."""
+    """Blocks not yet on disk -> a new shard; shards holding KV of blocks gone cold since -> new
+    shards without it; window state -> a new state file; then the manifest (the replaced shards
+    are deleted after it, by the caller's :func:`collect_garbage`)."""
     ctx.store.flush()
+    ctx.store.reclaim_cold()
     name, state = write_state(Path(directory), ctx)
     manifest = Manifest(
         model_fingerprint=fingerprint,

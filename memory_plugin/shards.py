@@ -5,7 +5,9 @@ Shapes: a shard holds, per layer ``l``, tensors ``kv.l`` ``[n, ...]`` (and ``sca
 block ``first + i`` at index ``i`` as encoded by the KV codec (:mod:`~memory_plugin.policies`),
 and the blocks' representative keys ``repr.l`` ``[n, H, D]`` as the codec encodes them (int8:
 ``repr.l`` in int8 and ``repr_scale.l`` ``[n, H, 1]``, since format 3); its metadata says
-``first`` and ``n``.
+``first`` and ``n``, and (since format 4) ``cold``: the blocks, counted from ``first``, whose KV it
+does not hold (they are in the cold tier; ``kv.l`` then stacks only the others, and has no rows
+at all when every block is cold). Representative keys are kept for every block.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class ShardSet:
         self.prefix, self.max_open = prefix, max_open
         self.shards: list[ShardInfo] = []
         self._index: dict[str, tuple[dict, int]] = {}  # file -> (header, data start)
+        self._colds: dict[str, list[int]] = {}  # file -> its blocks without KV (format 4)
         self._fds: OrderedDict[str, int] = OrderedDict()  # open shard files, least recent first
 
     @property
@@ -65,21 +68,51 @@ class ShardSet:
         """Bytes of the shard files (a truncated shard's file keeps its ignored tail)."""
         return sum(s.nbytes for s in self.shards)
 
-    def write(self, first: int, blocks: list[list[dict]], reprs: list[dict]) -> ShardInfo:
-        """Write blocks ``first..`` (``blocks[layer][i]`` encoded, ``reprs[layer]`` the encoded
-        ``[n, H, D]`` representative keys: ``{"repr": ...}`` and the codec's other tensors)."""
+    def write(self, first: int, blocks: list[list[dict | None]], reprs: list[dict]) -> ShardInfo:
+        """Write blocks ``first..`` (``blocks[layer][i]`` encoded, None for a cold block without KV;
+        ``reprs[layer]`` the encoded ``[n, H, D]`` representative keys: ``{"repr": ...}`` and the
+        codec's other tensors)."""
+        info = self._write(first, blocks, reprs)
+        self.shards.append(info)
+        return info
+
+    def rewrite(self, i: int, blocks: list[list[dict | None]], reprs: list[dict]) -> str:
+        """Replace shard ``i`` by a new file of the same blocks (now without the KV of blocks gone
+        cold); returns the old file, which the caller deletes once no manifest names it."""
+        old = self.shards[i]
+        self.shards[i] = self._write(old.first, blocks, reprs)
+        self.forget(old.file)
+        return old.file
+
+    def _write(self, first: int, blocks: list[list[dict | None]], reprs: list[dict]) -> ShardInfo:
+        n = len(blocks[0])
+        cold = [j for j, e in enumerate(blocks[0]) if e is None]
         tensors = {}
         for layer, (encs, rep) in enumerate(zip(blocks, reprs)):
-            for name in encs[0]:
+            encs = [e for e in encs if e is not None]
+            for name in encs[0] if encs else ():
                 tensors[f"{name}.{layer}"] = [e[name] for e in encs]  # stacked as written, never copied
             for name, t in rep.items():
                 tensors[f"{name}.{layer}"] = t
+        meta = {"first": str(first), "n": str(n)}
+        if cold:
+            meta["cold"] = json.dumps(cold)
         # Unique names: a file is never rewritten, so a manifest never points at a changed file.
-        name = f"{self.prefix}-{first:08d}-{len(blocks[0]):06d}-{os.urandom(3).hex()}.safetensors"
-        sha, size = write_safetensors(self.dir / name, tensors, {"first": str(first), "n": str(len(blocks[0]))})
-        info = ShardInfo(name, first, len(blocks[0]), sha, size)
-        self.shards.append(info)
-        return info
+        name = f"{self.prefix}-{first:08d}-{n:06d}-{os.urandom(3).hex()}.safetensors"
+        sha, size = write_safetensors(self.dir / name, tensors, meta)
+        return ShardInfo(name, first, n, sha, size)
+
+    def _cold(self, file: str, header: dict) -> list[int]:
+        """Blocks of a shard (from its first) without KV in it, ascending."""
+        if file not in self._colds:
+            self._colds[file] = json.loads(header.get("__metadata__", {}).get("cold", "[]"))
+        return self._colds[file]
+
+    def has_kv(self, b: int) -> bool:
+        """Block ``b``'s KV is in its shard (not a cold block written without it)."""
+        s = self._locate(b)
+        header, _, _ = self._header(s.file)
+        return (b - s.first) not in self._cold(s.file, header)
 
     def _locate(self, b: int) -> ShardInfo:
         # Shards hold consecutive, ascending block ranges: bisect (there are hundreds at 256k tokens).
@@ -107,6 +140,10 @@ class ShardSet:
         """Block ``b`` of ``layer``, encoded, read from disk."""
         s = self._locate(b)
         header, start, fd = self._header(s.file)
+        cold, row = self._cold(s.file, header), b - s.first
+        if row in cold:
+            raise KeyError(f"block {b} is in the cold tier: {s.file} holds no KV for it")
+        row -= bisect.bisect_left(cold, row)  # rows of blocks without KV are not in the file
         out = {}
         for name in ("kv", "scale"):
             meta = header.get(f"{name}.{layer}")
@@ -115,7 +152,7 @@ class ShardSet:
             shape = meta["shape"]
             lo, hi = meta["data_offsets"]
             per = (hi - lo) // shape[0]
-            buf = bytearray(os.pread(fd, per, start + lo + (b - s.first) * per))
+            buf = bytearray(os.pread(fd, per, start + lo + row * per))
             dtype = _DTYPES[meta["dtype"]]
             out[name] = torch.frombuffer(buf, dtype=dtype).view(shape[1:])
         return out
@@ -153,6 +190,7 @@ class ShardSet:
         if fd is not None:
             os.close(fd)
         self._index.pop(file, None)
+        self._colds.pop(file, None)
 
     def close(self) -> None:
         for f in list(self._fds):

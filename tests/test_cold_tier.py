@@ -170,3 +170,43 @@ def test_a_saved_memory_opens_with_another_cold_mode(tiny_model, tiny_tokenizer,
         assert opened.config.archive_mode == saved_mode
     with ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=CFG.replace(archive_mode="drop")) as opened:
         assert opened.config.archive_mode == "drop" and len(opened._engine.ctx.store.cold) > 0
+
+
+def _shard_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.glob("blocks-*"))
+
+
+@pytest.mark.parametrize("budget", [None, 80_000])  # 80 kB: the window and little else
+def test_cold_blocks_take_no_kv_space_on_disk(tiny_model, tiny_tokenizer, tmp_path, budget):
+    m = ContextMemory(tiny_model, tiny_tokenizer, CFG.replace(archive_mode="recompute"))
+    m.add_text(TEXT * 6)
+    m.save(tmp_path / "warm")
+    went_cold = m.archive(older_than_tokens=len(m) // 2)
+    n_blocks = m.stats().blocks
+    assert 0 < went_cold < n_blocks  # some blocks keep their KV
+    answer = m.generate("sky?", max_new_tokens=6, min_new_tokens=6)
+    m.save(tmp_path / "cold")
+    c = tiny_model.config
+    int8_kv = c.num_hidden_layers * 2 * c.num_key_value_heads * CFG.block_size * 16  # one block, every layer
+    assert _shard_bytes(tmp_path / "warm") - _shard_bytes(tmp_path / "cold") >= went_cold * int8_kv
+    back = ContextMemory.load(tmp_path / "cold", tiny_model, tokenizer=tiny_tokenizer, max_resident_bytes=budget)
+    assert set(back._engine.ctx.store.cold) == set(m._engine.ctx.store.cold)
+    assert back.generate("sky?", max_new_tokens=6, min_new_tokens=6) == answer
+
+
+def test_an_open_memory_rewrites_the_shards_of_blocks_gone_cold(tiny_model, tiny_tokenizer, tmp_path):
+    path = tmp_path / "m"
+    with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer, config=CFG.replace(archive_mode="recompute")) as m:
+        m.add_text(TEXT * 6)
+    before, files = _shard_bytes(path), {f.name for f in path.glob("blocks-*")}
+    with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer) as m:
+        went_cold = m.archive(older_than_tokens=len(m) // 2)
+        assert 0 < went_cold < m.stats().blocks
+        answer = m.generate("sky?", max_new_tokens=6, min_new_tokens=6)
+        cold = set(m._engine.ctx.store.cold)
+    # closing snapshots: the shards holding those blocks were replaced, the old files deleted
+    after = {f.name for f in path.glob("blocks-*")}
+    assert _shard_bytes(path) < before and files - after
+    with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer) as m:
+        assert set(m._engine.ctx.store.cold) == cold
+        assert m.generate("sky?", max_new_tokens=6, min_new_tokens=6) == answer

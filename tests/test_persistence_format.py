@@ -40,7 +40,7 @@ def test_an_int8_memory_reads_back_exactly_as_it_was_written(tiny_model, tiny_to
 def test_int8_shards_hold_int8_reprs_and_float16_scales(tiny_model, tiny_tokenizer, tmp_path):
     _build(tiny_model, tiny_tokenizer, INT8).save(tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 3
+    assert manifest["format_version"] == FORMAT_VERSION == 4
     header = _header(tmp_path / "m" / manifest["shards"][0]["file"])
     n, (h, d) = manifest["shards"][0]["n"], (tiny_model.config.num_attention_heads, 16)
     assert {k: header[f"{k}.0"]["dtype"] for k in ("kv", "scale", "repr", "repr_scale")} == {
@@ -65,7 +65,7 @@ def test_a_format_2_memory_still_loads_with_the_answer_it_gave(tiny_model, tiny_
     assert _ask(loaded) == expected["answer"]
 
 
-def test_a_format_2_memory_opened_for_writing_keeps_its_shards_and_adds_format_3_ones(tiny_model, tiny_tokenizer, tmp_path):
+def test_a_format_2_memory_opened_for_writing_keeps_its_shards_and_adds_new_ones(tiny_model, tiny_tokenizer, tmp_path):
     path, expected = _fixture(tmp_path)
     old = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.glob("blocks-*")}
     mem = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer)
@@ -74,7 +74,7 @@ def test_a_format_2_memory_opened_for_writing_keeps_its_shards_and_adds_format_3
     answer, n = _ask(mem), len(mem)
     mem.close()
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == FORMAT_VERSION
     files = [s["file"] for s in manifest["shards"]]
     assert {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in old} == old and set(old) < set(files)
     new = [f for f in files if f not in old]
