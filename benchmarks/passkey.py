@@ -81,7 +81,11 @@ def _timed(fn, *a, **kw):
     return out, time.perf_counter() - t
 
 
-def run_one(method: str, length: int, n_depths: int, n_seeds: int, overrides: list[str], dtype: str = "float32") -> dict:
+def run_one(
+    method: str, length: int, n_depths: int, n_seeds: int, overrides: list[str], dtype: str = "float32", partial: Path | None = None
+) -> dict:
+    """``partial``: rewrite this JSON after every question (``"partial": true``), so a run stopped
+    before its last depth still leaves the questions it answered."""
     import torch
 
     from memory_plugin import load_model
@@ -118,6 +122,8 @@ def run_one(method: str, length: int, n_depths: int, n_seeds: int, overrides: li
             mem.add_text(FILLER * (n_rep - at))
             ans = mem.generate(QUESTION, max_new_tokens=8, chat=False)
             rows.append({"depth": d, "seed": s, "key": key, "answer": ans, "correct": key in ans, "tokens": len(mem)})
+            if partial:
+                partial.write_text(json.dumps({**_result(method, length, cfg, rows, rss_model, dtype), "partial": True}, indent=1))
             mem.rollback(cp)
     return _result(method, length, cfg, rows, rss_model, dtype)
 
@@ -237,7 +243,7 @@ def main() -> None:
     a = p.parse_args()
 
     if a.cmd == "one":
-        res = run_one(a.method, a.length, a.depths, a.seeds, a.set, a.dtype)
+        res = run_one(a.method, a.length, a.depths, a.seeds, a.set, a.dtype, a.json)
         text = json.dumps(res, indent=1)
         a.json.write_text(text) if a.json else print(text)
     elif a.cmd == "all":
