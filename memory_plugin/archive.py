@@ -66,7 +66,11 @@ class ColdTier:
         """Connect a (new or restored) context's block store to this tier; in ``gist`` mode, compute
         the gist of cold blocks that came without one (a saved memory keeps only their vectors;
         a block archived in ``recompute`` mode has none, and is recomputed when selected)."""
-        ctx.store.connect_cold_tier(self.engine.config.archive_mode, self._rehydrate, max(2 * self.engine.config.topk, 8))
+        # Each layer selects its own topk blocks and one recomputation gives a block's KV for every
+        # layer, so a step may need topk blocks per layer at once: a smaller LRU recomputed most of
+        # them again at every layer and decoded token (docs/BENCHMARKS.md section 7, round 4).
+        keep = max(self.engine.config.topk * len(ctx.g.memory_layers), 8)
+        ctx.store.connect_cold_tier(self.engine.config.archive_mode, self._rehydrate, keep)
         if self.engine.config.archive_mode == "gist":
             for cold in ctx.store.cold.values():
                 if cold.gist is None and cold.vectors is not None:

@@ -210,3 +210,18 @@ def test_an_open_memory_rewrites_the_shards_of_blocks_gone_cold(tiny_model, tiny
     with ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer) as m:
         assert set(m._engine.ctx.store.cold) == cold
         assert m.generate("sky?", max_new_tokens=6, min_new_tokens=6) == answer
+
+
+def test_a_cold_block_is_recomputed_once_while_it_stays_selected(tiny_tokenizer):
+    # every layer selects its own blocks and one recomputation serves all layers: the LRU of
+    # recomputed blocks holds a whole step's selections (topk per layer), so none is recomputed
+    # twice in a turn; with 6 layers and topk 3, a step may select 18 blocks
+    from memory_plugin.testing import tiny_llama
+
+    model = tiny_llama(len(tiny_tokenizer), num_hidden_layers=6)
+    m = ContextMemory(model, tiny_tokenizer, CFG.replace(archive_mode="recompute", topk=3, kv_quantization="none"))
+    m.add_text(TEXT * 6)
+    went_cold = m.archive(older_than_tokens=0)
+    assert went_cold > 18
+    m.generate("sky?", max_new_tokens=8, min_new_tokens=8)
+    assert 0 < m._engine.cold.rehydrations <= went_cold
