@@ -193,6 +193,70 @@ def _replicate(layers, have: int, want: int, noise: float, gen, sources: list[in
             layer.append(layer.kv[src], reprs[src] + scale * torch.randn(reprs[src].shape, generator=gen))
 
 
+def grow_history(mem, n_tokens: int, sources: list[int], noise: float = 0.01, entry_blocks: int = 16) -> int:
+    """Make ``mem`` (all in RAM) a history of about ``n_tokens`` tokens that can be **saved**: blocks
+    copied from ``sources`` (KV shared until saved; each copy's representative keys get ``noise``
+    times their standard deviation of Gaussian noise, seeded by the copy's block index, then rounded
+    as the store keeps reprs) are inserted where the local window begins, and so are their tokens
+    (each copy's are its source block's) as ``add_text`` entries of ``entry_blocks`` blocks; the
+    window, and the entry it cuts, move up. Layout, token ids, history and block lists stay
+    consistent, so ``save`` writes a memory that ``load``/``open`` accept as a history of that
+    length (the lexical index is rebuilt on opening: this leaves the in-RAM one stale). A benchmark
+    helper reaching into the engine: not part of the package. Returns the blocks added."""
+    import torch
+
+    from memory_plugin.history import Entry
+
+    engine = mem._engine  # benchmark only
+    ctx, cfg, tok = engine.ctx, mem.config, mem.tokenizer
+    lay, bs, store = ctx.layout, cfg.block_size, ctx.store
+    add = max(0, n_tokens - len(mem)) // bs
+    if add == 0:
+        return 0
+    cut = cfg.n_init + lay.n_evicted_blocks * bs  # the first token of the window
+    assert lay.init_len == cfg.n_init and lay.n_evicted_blocks == len(store) and ctx.window_range[0] == cut
+    have = len(store)
+    ids = []
+    with torch.inference_mode():
+        for i, layer in enumerate(store.layers):
+            scale = noise * layer.reprs[:have].float().std()
+            for b in range(have, have + add):
+                src = sources[b % len(sources)]
+                gen = torch.Generator().manual_seed(b * 1009 + i)
+                r = layer.reprs[src] + scale * torch.randn(layer.reprs[src].shape, generator=gen)
+                layer.append(layer.kv[src], store.codec.round_reprs(r[None])[0].to(layer.reprs.dtype))
+                store.ram.hold((i, b), layer.kv[src])
+    for b in range(have, have + add):
+        s = cfg.n_init + sources[b % len(sources)] * bs
+        ids += ctx.tokens[s : s + bs]
+    n = add * bs
+    ctx.tokens[cut:cut] = ids
+    lay.n_evicted_blocks += add
+    lay.n_tokens += n
+    lay.base += n
+    # entries: the one the window's first token belongs to is cut in two around the inserted ones
+    hist = engine.history._entries  # benchmark only
+    out = []
+    for e in hist:
+        if e.end <= cut:
+            out.append(e)
+        elif e.start >= cut:
+            out.append(Entry(e.role, e.content, e.start + n, e.end + n))
+        else:
+            assert e.role is None, "only add_text entries are cut"
+            head, tail = ctx.tokens[e.start : cut], ctx.tokens[cut + n : e.end + n]
+            out.append(Entry(None, tok.decode(head), e.start, cut))
+            out.append(Entry(None, tok.decode(tail), cut + n, e.end + n))
+    new = []
+    for a in range(0, n, entry_blocks * bs):
+        part = ids[a : a + entry_blocks * bs]
+        new.append(Entry(None, tok.decode(part), cut + a, cut + a + len(part)))
+    at = next(j for j, e in enumerate(out) if e.start >= cut + n) if any(e.start >= cut + n for e in out) else len(out)
+    engine.history._entries = out[:at] + new + out[at:]
+    assert sum(e.end - e.start for e in engine.history) == len(ctx.tokens) == lay.n_tokens
+    return add
+
+
 def _code_version() -> str:
     """Where memory_plugin was imported from (a before/after run may point PYTHONPATH at an older copy)."""
     import memory_plugin

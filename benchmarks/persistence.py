@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sqlite3
+import statistics
 import struct
 import subprocess
 import sys
@@ -243,6 +244,195 @@ def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path
     return out
 
 
+# ----------------------------------------------------------------------------------- --grown (issue 24)
+GROWN_DEPTHS = (0.05, 0.35, 0.65, 0.95)
+
+
+def _cpu_turn(mem, msg: str) -> tuple[float, float]:
+    """One turn as ``passkey.py perf`` (a ~200-token message added, 32 tokens generated), the
+    memory restored: (CPU seconds of this process, wall seconds)."""
+    from passkey import TURN_NEW_TOKENS
+
+    cp = mem.checkpoint()
+    c, t = time.process_time(), time.perf_counter()
+    mem.add_message("user", msg)
+    mem.generate("Summarise the tool output.", max_new_tokens=TURN_NEW_TOKENS, min_new_tokens=TURN_NEW_TOKENS)
+    out = time.process_time() - c, time.perf_counter() - t
+    mem.rollback(cp)
+    return out
+
+
+def grown_build(a) -> None:
+    """``--grown N``: one real ingest of ``--base-tokens`` of filler, saved; then per needle depth a
+    history of N tokens built from it (:func:`decode_cost.grow_history`: copies of the base's
+    blocks up to the depth, the needle and ``--after-tokens`` of filler ingested for real there,
+    copies again up to N), saved as a memory directory, measured by a fresh process opening it
+    with the RAM budget (:func:`grown_eval`), then deleted (one directory on disk at a time). The
+    ``--ram-tokens`` history is built the same way once, kept, and loaded all in RAM for the turn
+    ratio. The model's ceiling (each needle alone in ~1k tokens, full attention) runs here first."""
+    import gc
+
+    import torch
+
+    torch.set_num_threads(1)
+    from decode_cost import grow_history
+
+    from memory_plugin import ContextMemory, load_model
+    from memory_plugin.baselines import FullAttention
+    from memory_plugin.tasks import FILLER, QUESTION, needle, passkey, passkey_history
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    work = a.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model()
+    keys = [passkey(di) for di in range(len(a.needle_depths))]  # passkey.py's keys for seed 0
+    full, ceiling = FullAttention(model, tok), []
+    for d, key in zip(a.needle_depths, keys):
+        full.rollback(0)
+        full.add_text(passkey_history(tok, 1000, d, key))
+        ans = full.generate(QUESTION, max_new_tokens=8, chat=False)
+        ceiling.append({"depth": d, "key": key, "answer": ans, "correct": key in ans})
+    del full
+    summary = {"grown_tokens": a.grown, "budget_mb": a.budget_mb, "ceiling": ceiling, "code": _code_version()}
+    print(json.dumps({"ceiling": ceiling}), flush=True)
+    base = work / "base"
+    if not (base / "manifest.json").exists():
+        mem = ContextMemory(model, tok)
+        c, t = time.process_time(), time.perf_counter()
+        while len(mem) < a.base_tokens:
+            mem.add_text(FILLER * 100)  # ~2.4k tokens per add, as an agent's tool outputs would come
+        summary["base_ingest"] = {"tokens": len(mem), "cpu_tok_s": len(mem) / (time.process_time() - c), "wall_tok_s": len(mem) / (time.perf_counter() - t)}
+        mem.save(base)
+        del mem
+    per = len(tok(FILLER, add_special_tokens=False)["input_ids"])
+    after = FILLER * (a.after_tokens // per + 1)
+
+    def build(n_tokens: int, depth: float, key: str, path: Path) -> dict:
+        mem = ContextMemory.load(base, model, tokenizer=tok)
+        sources = list(range(len(mem._engine.ctx.store)))  # benchmark only: the base's own blocks
+        c = time.process_time()
+        copied = grow_history(mem, round(depth * n_tokens), sources)
+        at = len(mem)
+        mem.add_text(needle(key) + after)  # ingested for real, with the grown history as its far context
+        real = len(mem) - at
+        copied += grow_history(mem, n_tokens, sources)
+        info = {"tokens": len(mem), "blocks": mem.stats().blocks, "needle_at": at, "needle_depth": at / len(mem),
+                "real_tokens": real, "copied_blocks": copied, "build_cpu_s": time.process_time() - c}
+        t = time.perf_counter()
+        mem.save(path)
+        info["save_s"] = time.perf_counter() - t
+        info["saved_bytes"] = _dir_bytes(path)
+        del mem
+        gc.collect()
+        return info
+
+    ram_dir = work / f"ram-{a.ram_tokens}"
+    summary["ram_history"] = build(a.ram_tokens, a.ram_depth, passkey(99), ram_dir)
+    print(json.dumps({"ram_history": summary["ram_history"]}), flush=True)
+    common = ["--workdir", str(work), "--out", str(a.out), "--budget-mb", str(a.budget_mb), "--rounds", str(a.rounds)]
+    ev = [sys.executable, __file__, "--grown-eval", str(ram_dir), "--key", passkey(99), "--ram-copy", "none", *common]
+    subprocess.run(ev + ["--name", "ram-alone"], check=True)  # the all-in-RAM turn with glibc's defaults, alone
+    summary["needles"] = []
+    for i, (d, key) in enumerate(zip(a.needle_depths, keys)):
+        path = work / f"grown-{i}"
+        info = build(a.grown, d, key, path)
+        print(json.dumps({"needle": i, **info}), flush=True)
+        ev = [sys.executable, __file__, "--grown-eval", str(path), "--key", key, "--name", f"needle-{i}", *common]
+        ev += ["--ram-copy", str(ram_dir) if i < a.turn_evals else "none"] + ([] if i < a.turn_evals else ["--rounds", "0"])
+        subprocess.run(ev, check=True)
+        info["eval"] = json.loads((a.out / f"needle-{i}.json").read_text())
+        summary["needles"].append(info)
+        shutil.rmtree(path, ignore_errors=True)
+        (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(grown_report(summary))
+
+
+def grown_eval(a) -> None:
+    """A fresh process: open ``--grown-eval DIR`` with the RAM budget (or load it all in RAM with
+    ``--ram-copy none`` and no budget: the reference), RSS sampled from before it opens; the
+    needle's question, turns; then with ``--ram-copy DIR`` that history loaded all in RAM in this
+    process and turns of both interleaved (CPU time). Peak RSS is taken before the copy loads."""
+    import torch
+
+    torch.set_num_threads(1)
+    from passkey import _turn_message
+
+    from memory_plugin import ContextMemory, MemoryConfig, load_model
+    from memory_plugin.tasks import QUESTION
+
+    model, tok = load_model()
+    rss_model = _rss_mb()
+    msg = _turn_message(tok)
+    alone = a.name == "ram-alone"
+    peak = PeakRSS()
+    c, t = time.process_time(), time.perf_counter()
+    if alone:
+        mem = ContextMemory.load(a.grown_eval, model, tokenizer=tok)
+    else:
+        mem = ContextMemory.open(a.grown_eval, model, tokenizer=tok, config=MemoryConfig(max_resident_bytes=a.budget_mb * 2**20))
+    out = {"name": a.name, "dir": str(a.grown_eval), "tokens": len(mem), "budget_mb": None if alone else a.budget_mb,
+           "open_cpu_s": time.process_time() - c, "open_wall_s": time.perf_counter() - t, "rss_model_mb": rss_model}
+    print(json.dumps(out), flush=True)
+    c = time.process_time()
+    ans = mem.generate(QUESTION, max_new_tokens=8, chat=False)
+    out.update(key=a.key, answer=ans, correct=a.key in ans, question_cpu_s=time.process_time() - c)
+    print(json.dumps({"answer": ans, "correct": out["correct"]}), flush=True)
+    turns = [_cpu_turn(mem, msg) for _ in range(a.rounds)]
+    out["turns"] = turns
+    out["turn_cpu_s"] = statistics.median(x[0] for x in turns) if turns else None
+    out["peak_rss_beyond_model_mb"] = max(peak.peak, _rss_mb()) - rss_model
+    out["rss_now_beyond_model_mb"] = _rss_mb() - rss_model
+    st = mem.stats()
+    out["stats_bytes"], out["blocks_by_tier"], out["blocks"] = st.bytes, st.blocks_by_tier, st.blocks
+    out["accounted_mb"] = (st.bytes["host"] + st.bytes["device"]) / 2**20
+    ctx = mem._engine.ctx  # benchmark only: how the budget is split
+    out["repr_bytes"] = ctx.store.repr_nbytes()
+    if not alone:
+        out["block_budget_bytes"] = ctx._block_budget()
+    print(json.dumps({k: out[k] for k in ("peak_rss_beyond_model_mb", "turn_cpu_s", "accounted_mb", "blocks_by_tier")}), flush=True)
+    if a.ram_copy != "none" and a.rounds:
+        ram = ContextMemory.load(a.ram_copy, model, tokenizer=tok)
+        rounds = []
+        for r in range(a.rounds):
+            rounds.append({"budget": _cpu_turn(mem, msg), "ram": _cpu_turn(ram, msg)})
+            print(json.dumps({"round": r, **rounds[-1]}), flush=True)
+        out["interleaved"] = rounds
+        out["ram_copy_tokens"] = len(ram)
+        out["ratio_cpu_interleaved"] = statistics.median(x["budget"][0] / x["ram"][0] for x in rounds)
+        out["ram_turn_cpu_s_same_process"] = statistics.median(x["ram"][0] for x in rounds)
+        out["budget_turn_cpu_s_interleaved"] = statistics.median(x["budget"][0] for x in rounds)
+    peak.stop()
+    if not alone:
+        mem.close()
+        out["disk_bytes"] = _dir_bytes(a.grown_eval)
+        out["disk_bytes_per_token"] = out["disk_bytes"] / out["tokens"]
+        out["disk_parts"] = account(a.grown_eval)
+    (a.out / f"{a.name}.json").write_text(json.dumps(out, indent=1))
+
+
+def _code_version() -> str:
+    import subprocess as sp
+
+    import memory_plugin
+
+    root = Path(memory_plugin.__file__).parent
+    head = sp.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return f"{root} (repo HEAD {head})"
+
+
+def grown_report(summary: dict) -> str:
+    """Markdown: per needle, the ceiling's and the 1M memory's answers, open time and peak RSS."""
+    rows = ["| depth | key | ceiling | answer | open s | peak RSS beyond model | turn CPU s | budget / RAM (interleaved) |", "|---|---|---|---|---|---|---|---|"]
+    for c, n in zip(summary["ceiling"], summary.get("needles", [])):
+        e = n["eval"]
+        turn = f"{e['turn_cpu_s']:.2f}" if e.get("turn_cpu_s") else "—"
+        ratio = f"{e['ratio_cpu_interleaved']:.2f}x" if "ratio_cpu_interleaved" in e else "—"
+        rows.append(f"| {n['needle_depth']:.3f} | {c['key']} | {'✓' if c['correct'] else '✗'} {c['answer'].strip()!r} "
+                    f"| {'✓' if e['correct'] else '✗'} {e['answer'].strip()!r} | {e['open_wall_s']:.0f} "
+                    f"| {e['peak_rss_beyond_model_mb']:.0f} MiB | {turn} | {ratio} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=262144)
@@ -253,6 +443,18 @@ def main() -> None:
     p.add_argument("--tune-allocator", action="store_true", help="set the allocator as a RAM budget does, in every mode")
     p.add_argument("--untimed", action="store_true", help="answers and bytes only: no turn timing, no save (a busy machine)")
     p.add_argument("--account", type=Path, metavar="DIR", help="only print where the bytes of a memory directory go")
+    p.add_argument("--grown", type=int, help="issue 24 at 1M: histories of this many tokens grown from a real base ingest (see grown_build)")
+    p.add_argument("--base-tokens", type=int, default=16384, help="with --grown: tokens of filler ingested for real and copied")
+    p.add_argument("--after-tokens", type=int, default=3072, help="with --grown: filler ingested for real after each needle")
+    p.add_argument("--needle-depths", type=float, nargs="+", default=list(GROWN_DEPTHS), help="with --grown: one history per depth")
+    p.add_argument("--ram-tokens", type=int, default=65536, help="with --grown: the all-in-RAM history the turn is compared with")
+    p.add_argument("--ram-depth", type=float, default=0.5)
+    p.add_argument("--rounds", type=int, default=3, help="with --grown: turns per memory (interleaved with the all-in-RAM one)")
+    p.add_argument("--turn-evals", type=int, default=2, help="with --grown: how many needle histories also time turns")
+    p.add_argument("--grown-eval", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--key", help=argparse.SUPPRESS)
+    p.add_argument("--name", help=argparse.SUPPRESS)
+    p.add_argument("--ram-copy", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -260,6 +462,11 @@ def main() -> None:
         n = json.loads((a.account / "manifest.json").read_text())["n_tokens"]
         print(account_table(account(a.account), n))
         return
+    if a.grown_eval:
+        return grown_eval(a)
+    if a.grown:
+        a.workdir = a.workdir or Path(tempfile.mkdtemp(prefix="mp-grown-"))
+        return grown_build(a)
     if a.mode:
         res = run_mode(a.mode, a.tokens, a.budget_mb, a.depth, a.workdir, a.tune_allocator, not a.untimed)
         (a.out / f"{a.mode}-{a.tokens}.json").write_text(json.dumps(res, indent=1))
