@@ -26,6 +26,7 @@ ingesting in one call or many gives the same memory while retrieval selects all 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -215,11 +216,13 @@ class Context:
         )
         self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in self.memory_layers]
         self._budget_fixed: int | None = None
+        self._budget_overrun_warned = True  # not while checking the budget below: that one is refused
         if config.max_resident_bytes is not None and self._block_budget() <= 0:
             raise ValueError(
                 f"max_resident_bytes={config.max_resident_bytes} is below what the local window and init "
                 f"tokens with their working buffers need ({self._budget_fixed} bytes); raise it or lower n_local"
             )
+        self._budget_overrun_warned = False
         self.relevance = RELEVANCE[config.relevance]
         self.positions = BLOCK_POSITIONS[config.block_positions]
         self.far = config.n_local if config.far_distance is None else config.far_distance
@@ -483,7 +486,22 @@ class Context:
             bs = self.cfg.block_size
             selection = self.g.n_layers * self.cfg.topk * 2 * self.g.n_kv_heads * bs * self.g.head_dim * 4
             self._budget_fixed = self._fixed_bytes() + self._window_bytes() + selection + self.store.flush_nbytes()
-        return self.cfg.max_resident_bytes - self._budget_fixed - self.store.repr_nbytes()
+        left = self.cfg.max_resident_bytes - self._budget_fixed - self.store.repr_nbytes()
+        if left <= 0 and not self._budget_overrun_warned:
+            # Reprs grow with the history (float32 in RAM: ~565 MB at 1M tokens on the embedded
+            # model), so a budget fine when opened can leave no room for blocks later: every
+            # selected block is then read from disk at every step. Said once, not refused: the
+            # memory stays correct and durable.
+            self._budget_overrun_warned = True
+            warnings.warn(
+                f"max_resident_bytes={self.cfg.max_resident_bytes} leaves no RAM for blocks at {len(self.store)} "
+                f"blocks: representative keys take {self.store.repr_nbytes()} bytes and the window, init and "
+                f"working buffers {self._budget_fixed}; every selected block is read from disk at every step. "
+                "Raise max_resident_bytes.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return left
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by tier: ``device`` (accelerator: window, init, reprs, block cache), ``host``

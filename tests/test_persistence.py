@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -349,3 +350,19 @@ def test_bad_quantisation_and_budget_values(tiny_model, tiny_tokenizer):
         MemoryConfig(kv_quantization="int4")
     with pytest.raises(ValueError, match="max_resident_bytes must be >= 1"):
         MemoryConfig(max_resident_bytes=0)
+
+
+def test_a_budget_the_growing_reprs_outgrow_is_said_once_and_answers_stay_right(tiny_model, tiny_tokenizer):
+    cfg = testing.TINY_CONFIG
+    with pytest.raises(ValueError, match=r"need \((\d+) bytes\)") as e:
+        ContextMemory(tiny_model, tiny_tokenizer, cfg.replace(max_resident_bytes=1000))
+    fixed = int(re.search(r"need \((\d+) bytes\)", str(e.value)).group(1))
+    bounded = ContextMemory(tiny_model, tiny_tokenizer, cfg.replace(max_resident_bytes=fixed + 2000))
+    unbounded = ContextMemory(tiny_model, tiny_tokenizer, cfg)
+    with pytest.warns(RuntimeWarning, match="leaves no RAM for blocks") as said:
+        for i in range(30):
+            for m in (bounded, unbounded):
+                m.add_message(*message(i, 3))
+        answer = _ask(bounded)
+    assert len([w for w in said if "leaves no RAM for blocks" in str(w.message)]) == 1
+    assert bounded.stats().blocks_by_tier["ram"] == 0 and answer == _ask(unbounded)
