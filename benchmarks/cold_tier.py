@@ -114,7 +114,7 @@ def run_kind(model, tok, part: str, kind: str, tokens: int, n: int, max_steps: i
         cfg = MemoryConfig()
     else:
         cfg = MemoryConfig(block_size=32, n_init=32, n_local=256, topk=4, chunk_size=128,
-                           archive_vectors=1, archive_max_steps=max_steps)  # fmt: skip
+                           archive_vectors=1, archive_max_steps=max_steps, archive_mode="rehydrate")  # fmt: skip
     pieces, facts = history(tok, kind, tokens, n)
     mem = ContextMemory(model, tok, cfg)
     t = time.process_time()

@@ -107,12 +107,16 @@ class MemoryConfig:
     it without cramming). None: never."""
     archive_vectors: int = 2
     """Memory vectors per archived block."""
-    archive_mode: str = "rehydrate"
+    archive_mode: str = "recompute"
     """What attention does with a selected cold block: "rehydrate" (recompute its KV with its memory
     vectors as context), "recompute" (recompute its KV from its token ids alone: no cramming),
     "gist" (attend to its vectors' KV) or "drop" (skip it). A saved memory may be opened with
     another mode: a cold block without vectors is recomputed in the vector modes (gist included),
-    and one with vectors is recomputed without them in "recompute" mode."""
+    and one with vectors is recomputed without them in "recompute" mode. "recompute" is the default
+    because at the default geometry it is the only mode that archives anything on a CPU (a
+    128-token block in 2 vectors is 64 tokens per vector; SmolLM2-135M crammed 32 in ~141 steps and
+    not 64 in the time measured), and it answered the facts kept KV answered (docs/BENCHMARKS.md
+    section 7, round 4)."""
     archive_max_steps: int = 500
     """Optimisation steps per archived block before it is declared not crammable (it keeps its KV)."""
 

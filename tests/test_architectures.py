@@ -386,7 +386,7 @@ def test_the_memory_api_runs_on_hybrids_and_layers_without_rope(family):
     (sliding layers hold none; a layer without RoPE stores its keys unrotated)."""
     cfg = MemoryConfig(
         block_size=2, n_init=4, n_local=16, topk=2, repr_topk=1, chunk_size=8, max_cached_blocks=4,
-        archive_vectors=2, archive_max_steps=300,
+        archive_vectors=2, archive_max_steps=300, archive_mode="rehydrate",
     )  # fmt: skip
     model = FAMILIES[family]()
     mem = ContextMemory(model, _tok(), cfg)

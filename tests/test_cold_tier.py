@@ -10,7 +10,7 @@ from .test_context import _state
 
 CFG = MemoryConfig(
     block_size=2, n_init=4, n_local=16, topk=2, repr_topk=1, chunk_size=8, max_cached_blocks=4,
-    archive_vectors=2, archive_max_steps=300,
+    archive_vectors=2, archive_max_steps=300, archive_mode="rehydrate",
 )  # fmt: skip
 TEXT = "The grass is green. The sky is blue. "
 

@@ -174,7 +174,7 @@ def test_dropping_the_last_reference_releases_the_directory(tmp_path, tiny_model
     import gc
 
     path = tmp_path / "m"
-    cfg = testing.TINY_CONFIG.replace(archive_after_tokens=64) if archiving else testing.TINY_CONFIG
+    cfg = testing.TINY_CONFIG.replace(archive_after_tokens=64, archive_mode="rehydrate") if archiving else testing.TINY_CONFIG
     mem = ContextMemory.open(path, tiny_model, tokenizer=tiny_tokenizer, config=cfg)
     mem.add_text(TEXT * 4)
     stream = mem.stream("Hi", max_new_tokens=2)  # a turn read to its end holds nothing either

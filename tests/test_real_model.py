@@ -96,7 +96,8 @@ def test_a_32_token_segment_crams_into_one_vector_exactly(smol):
 def test_a_fact_in_a_cold_block_is_answered_after_rehydration(smol):
     model, tok = smol
     cfg = MemoryConfig(
-        block_size=32, n_init=32, n_local=256, topk=2, chunk_size=128, archive_vectors=1, archive_max_steps=5000
+        block_size=32, n_init=32, n_local=256, topk=2, chunk_size=128, archive_vectors=1, archive_max_steps=5000,
+        archive_mode="rehydrate",
     )
     mem = ContextMemory(model, tok, cfg)
     fact = "\nThe vault code is 58213.\n"
