@@ -30,8 +30,7 @@ The files, format 4 (:data:`FORMAT_VERSION`; a manifest of a newer version is re
   ``q_sum.l``; ``window_k.i``/``window_v.i`` for sliding-window layers; ``cold.b`` the memory
   vectors of cold block ``b`` and ``cold_anchor.b`` (int64 ``[1]``) the token they were crammed after
   (absent: crammed with the vectors first), ``cold_recompute`` (int64 ``[n]``) the cold blocks kept
-  as token ids only (``archive_mode="recompute"``; a reader without that mode refuses the memory's
-  config by name); its metadata ``layout`` is the context's :class:`~memory_plugin.context.Layout` as JSON;
+  as token ids only (archived in ``archive_mode="recompute"``; since format 4); its metadata ``layout`` is the context's :class:`~memory_plugin.context.Layout` as JSON;
 * the log's ``entries`` rows hold ``token_ids`` as little-endian int32.
 
 Bytes per token on the embedded model and where they go: docs/BENCHMARKS.md, section 6.
