@@ -43,7 +43,7 @@ def test_equals_transformers_full_attention_within_init_plus_window(smol):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() == 1.0
 
 
-DEPTHS = (0.1, 0.4, 0.7)
+DEPTHS = (0.1, 0.5)  # two, not three: the 12k-token fixture is the slowest setup in make test (534 s under load)
 
 
 @pytest.fixture(scope="module")
