@@ -29,7 +29,7 @@ import torch
 from .policies import KV_CODECS, RELEVANCE, BlockCodec
 from .shards import MAX_OPEN_SHARDS, SHARD_BLOCKS, ShardInfo, ShardSet
 from .shards import atomic_write, write_safetensors  # noqa: F401  (re-exported)
-from .tiers import ColdBlock, ColdBlocks, DeviceLRU, LayerBlocks, RamTier
+from .tiers import ColdBlock, ColdBlocks, DeviceLRU, LayerBlocks, RamTier, ReprTable
 
 CODECS = tuple(KV_CODECS)
 
@@ -93,13 +93,20 @@ class BlockStore:
         kv_quantization: str = "none",
         spill_dir: Path | None = None,
         resident_budget: int | Callable[[], int] | None = None,
+        compact_reprs: bool = False,
     ):
         self.block_size, self.n_kv_heads, self.head_dim = block_size, n_kv_heads, head_dim
         self.codec = BlockCodec(kv_quantization, dtype)
         self.compute_device = torch.device(compute_device)
         self.cache_device = torch.device(cache_device) if cache_device is not None else None
         self._pin = self.cache_device is not None and self.cache_device.type == "cuda"
-        self.layers = [LayerBlocks(n_heads, head_dim, dtype, self.compute_device) for _ in range(n_layers)]
+        empty = torch.empty(0, n_heads, head_dim, dtype=dtype, device=self.compute_device)
+        if compact_reprs:  # as on disk: int8 ones take a quarter of float32's RAM, scanned a bit slower
+            table = lambda: ReprTable(self.codec.encode_reprs, self.codec.decode_reprs, empty)  # noqa: E731
+        else:  # decoded, rounded as the codec stores them: a memory read back from disk selects alike
+            table = lambda: ReprTable(lambda r: {"repr": self.codec.round_reprs(r)}, lambda e: e["repr"], empty)  # noqa: E731
+        self.compact_reprs = compact_reprs
+        self.layers = [LayerBlocks(n_heads, head_dim, table()) for _ in range(n_layers)]
         if self.cache_device is not None:  # InfLLM's GPU cache: an LRU of decoded blocks per layer
             shape = (2, n_kv_heads, block_size, head_dim)
             for layer in self.layers:
@@ -131,8 +138,7 @@ class BlockStore:
         if self._pin:
             enc = {k: t.pin_memory() for k, t in enc.items()}
         blocks = self.layers[layer]
-        # rounded as the codec stores reprs, so a memory read back from disk selects alike
-        blocks.append(enc, self.codec.round_reprs(repr_key[None])[0].to(self.compute_device))
+        blocks.append(enc, repr_key.to(self.compute_device))
         self.ram.hold((layer, len(blocks) - 1), enc)
         if layer == len(self.layers) - 1:
             self._enforce_budget()
@@ -195,7 +201,7 @@ class BlockStore:
         if n <= topk:
             return list(range(n))
         q = relevance.query(q_mean, lambda: blocks.score_std(q_mean))
-        scores = torch.mv(blocks.reprs.reshape(n, -1).float(), q.reshape(-1))
+        scores = blocks.table.scores(q.reshape(-1).float())
         return sorted(scores.topk(topk).indices.tolist())
 
     def fetch(self, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +268,10 @@ class BlockStore:
 
     def stored_reprs(self, layer: int, first: int, last: int) -> dict:
         """Representative keys of blocks ``[first, last)`` of ``layer`` encoded as stored, for writing out."""
-        return self.codec.encode_reprs(self.layers[layer].reprs[first:last].cpu())
+        table = self.layers[layer].table
+        if self.compact_reprs:  # already as stored
+            return {k: t.cpu() for k, t in table.encoded(first, last).items()}
+        return self.codec.encode_reprs(table.decoded(first, last).cpu())
 
     def is_cold(self, b: int, layer: int = 0) -> bool:
         """Block ``b`` is in the cold tier with no KV at hand (only vectors and representative keys)."""
@@ -296,13 +305,23 @@ class BlockStore:
         n = self.disk.n_blocks
         for i, layer in enumerate(self.layers):
             if n:
-                layer.set_reprs(self.disk.read_reprs(i, self.codec.decode_reprs))
+                layer.set_reprs(self._adopt_reprs(self.disk.read_reprs(i)))
             layer.kv = [None] * n
         if resident:
             for i in range(len(self.layers)):
                 for b in range(n):
                     if self.disk.has_kv(b):  # a cold block's shard has no KV for it
                         self._encoded(i, b)
+
+    def _adopt_reprs(self, parts: list[dict]) -> torch.Tensor | dict:
+        """One layer's representative keys as read from its shards (a dict per shard) as this store
+        holds them: encoded alike, the shards' own encoding kept (compact), else decoded."""
+        decoded = [self.codec.decode_reprs(enc) for enc in parts]
+        if not self.compact_reprs:
+            return torch.cat(decoded)
+        # shards written before format 3 hold keys as computed: encoded here, as written since
+        encs = [enc if "repr_scale" in enc or self.codec.kind != "int8" else self.codec.encode_reprs(r) for enc, r in zip(parts, decoded)]
+        return {k: torch.cat([e[k] for e in encs]) for k in encs[0]}
 
     def detach_disk(self) -> None:
         """Keep every block in RAM only (after loading a saved memory without a RAM budget)."""
@@ -330,7 +349,7 @@ class BlockStore:
 
     def repr_nbytes(self) -> int:
         """Bytes of representative keys (always in RAM)."""
-        return sum(layer.reprs.numel() * layer.reprs.element_size() for layer in self.layers)
+        return sum(layer.table.nbytes() for layer in self.layers)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held: ``host`` (block KV in RAM, and each layer's last selection), ``disk`` (block KV

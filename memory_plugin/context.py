@@ -213,6 +213,7 @@ class Context:
             kv_quantization=config.kv_quantization,
             spill_dir=spill_dir,
             resident_budget=self._block_budget if config.max_resident_bytes is not None else None,
+            compact_reprs=config.max_resident_bytes is not None,  # the budget's bytes go to blocks
         )
         self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in self.memory_layers]
         self._budget_fixed: int | None = None
@@ -452,7 +453,7 @@ class Context:
             for b in range((lo - self.cfg.n_init) // bs, min(len(self.store), (hi - 1 - self.cfg.n_init) // bs + 1)):
                 a = self.cfg.n_init + b * bs
                 if self.store.is_cold(b):
-                    out.append(self.store.layers[layer].reprs[b].float().cpu()[:, None])
+                    out.append(self.store.layers[layer].table.decoded(b, b + 1)[0].float().cpu()[:, None])
                 else:
                     k = self.store.block(layer, b)[0][:, max(lo, a) - a : min(hi, a + bs) - a]
                     out.append(k.float().cpu().repeat_interleave(rep, dim=0))
@@ -488,8 +489,8 @@ class Context:
             self._budget_fixed = self._fixed_bytes() + self._window_bytes() + selection + self.store.flush_nbytes()
         left = self.cfg.max_resident_bytes - self._budget_fixed - self.store.repr_nbytes()
         if left <= 0 and not self._budget_overrun_warned:
-            # Reprs grow with the history (float32 in RAM: ~565 MB at 1M tokens on the embedded
-            # model), so a budget fine when opened can leave no room for blocks later: every
+            # Reprs grow with the history (under a budget held as stored: ~145 MB at 1M tokens of
+            # the embedded model in int8, 565 MB with float32 blocks), so a budget fine when opened can leave no room for blocks later: every
             # selected block is then read from disk at every step. Said once, not refused: the
             # memory stays correct and durable.
             self._budget_overrun_warned = True

@@ -157,10 +157,10 @@ class ShardSet:
             out[name] = torch.frombuffer(buf, dtype=dtype).view(shape[1:])
         return out
 
-    def read_reprs(self, layer: int, decode) -> torch.Tensor:
-        """Representative keys of every block of ``layer``, ``[n_blocks, H, D]``: each shard's
-        ``repr.l`` and ``repr_scale.l`` (when written) through ``decode(dict) -> tensor`` (shards of
-        one memory may differ: those written before format 3 hold reprs as computed)."""
+    def read_reprs(self, layer: int) -> list[dict[str, torch.Tensor]]:
+        """Representative keys of every block of ``layer``, encoded, one dict per shard: its
+        ``repr.l`` and ``repr_scale.l`` (when written; shards of one memory may differ: those
+        written before format 3 hold reprs as computed)."""
         parts = []
         for s in self.shards:
             header, start, fd = self._header(s.file)
@@ -172,8 +172,8 @@ class ShardSet:
                 lo, hi = meta["data_offsets"]
                 buf = bytearray(os.pread(fd, hi - lo, start + lo))
                 enc[name] = torch.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).view(meta["shape"])[: s.n]
-            parts.append(decode(enc))
-        return torch.cat(parts) if parts else None
+            parts.append(enc)
+        return parts
 
     def truncate(self, n: int) -> list[str]:
         """Forget blocks ``n`` and later; returns shard files no longer referenced."""

@@ -141,16 +141,102 @@ class ReprMoments:
         return var.clamp_min(0).sqrt()
 
 
-class LayerBlocks:
-    """Blocks of one layer: encoded KV per block (None while only on disk, or cold), reprs
-    ``[n, H, D]`` and their running moments (:class:`ReprMoments`, so a query's per-head score
-    spread costs no pass over the blocks), the layer's accelerator cache (None on CPU), and its
-    last gathered selection ``(ids, kv [2, Hkv, n, D])``: consecutive decode steps mostly pick the
-    same blocks."""
+REPR_CHUNK = 256
+"""Blocks a compact :class:`ReprTable` decodes at a time when it scans: 0.6 MB of float32 for
+SmolLM2 (9 heads of 64), which stays in cache; one thread took 4.9 ms to scan 8,192 blocks in
+chunks of 256 against 3.7 ms for the same keys held in float32 (and 6.5-10 ms in chunks of 512 and
+more, when each chunk leaves the cache)."""
 
-    def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+
+class ReprTable:
+    """One layer's representative keys ``[n, H, D]``, held as ``encode`` gives them (a dict of
+    tensors, the block first) and read through ``decode``; grown by doubling, so appends stay cheap
+    and a scan reads one buffer per field.
+
+    The store keeps them either decoded (one float tensor: the fastest scan), or, under a RAM
+    budget, as the int8 codec stores them on disk: int8 and a float16 scale per head, ~145 MB at
+    1M tokens of SmolLM2 where float32 takes 565 MB (docs/BENCHMARKS.md, issue 24 target 4). The
+    values decode exactly to what the float table holds, so either ranks blocks alike.
+
+    Example:
+        >>> t = ReprTable(lambda r: {"repr": (r * 2).round()}, lambda e: e["repr"] / 2, torch.zeros(0, 2, 3))
+        >>> t.append(t.encode(torch.tensor([[[1.0, 0.2, 0.0], [0.0, 0.0, 1.0]]]))); len(t)
+        1
+        >>> t.decoded().tolist(), t.scores(torch.ones(6)).tolist()
+        ([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]], [2.0])
+    """
+
+    def __init__(self, encode: Callable[[torch.Tensor], dict], decode: Callable[[dict], torch.Tensor], empty: torch.Tensor):
+        self.encode, self.decode = encode, decode
+        self._data: dict[str, torch.Tensor] = {}
+        self.n = 0
+        self.set(encode(empty))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set(self, enc: dict[str, torch.Tensor]) -> None:
+        """Hold ``enc`` alone (a load)."""
+        self.n = len(next(iter(enc.values())))
+        self._data = {k: t.new_empty(max(16, self.n), *t.shape[1:]) for k, t in enc.items()}
+        for k, t in enc.items():
+            self._data[k][: self.n] = t
+
+    def append(self, enc: dict[str, torch.Tensor]) -> None:
+        """Add the keys of ``k`` blocks, encoded: ``{field: [k, ...]}``."""
+        k = len(next(iter(enc.values())))
+        cap = len(next(iter(self._data.values())))
+        if self.n + k > cap:
+            grow = max(2 * cap, self.n + k)
+            for name, t in self._data.items():
+                grown = t.new_empty(grow, *t.shape[1:])
+                grown[: self.n] = t[: self.n]
+                self._data[name] = grown
+        for name, t in enc.items():
+            self._data[name][self.n : self.n + k] = t
+        self.n += k
+
+    def truncate(self, n: int) -> None:
+        self.n = min(self.n, n)
+
+    def encoded(self, first: int = 0, last: int | None = None) -> dict[str, torch.Tensor]:
+        """Blocks ``[first, last)`` as held (views)."""
+        last = self.n if last is None else min(last, self.n)
+        return {k: t[first:last] for k, t in self._data.items()}
+
+    def decoded(self, first: int = 0, last: int | None = None) -> torch.Tensor:
+        """Blocks ``[first, last)`` decoded: ``[k, H, D]``."""
+        return self.decode(self.encoded(first, last))
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        """Each block's flattened keys dotted with ``q [H * D]`` (float32): ``[n]`` float32, a chunk
+        of :data:`REPR_CHUNK` blocks decoded at a time (one product when held decoded)."""
+        if self.n <= REPR_CHUNK or self._held_decoded():
+            return torch.mv(self.decoded().reshape(self.n, -1).float(), q)
+        out = torch.empty(self.n, device=q.device)
+        for i in range(0, self.n, REPR_CHUNK):
+            j = min(self.n, i + REPR_CHUNK)
+            torch.mv(self.decoded(i, j).reshape(j - i, -1).float(), q, out=out[i:j])
+        return out
+
+    def _held_decoded(self) -> bool:
+        return len(self._data) == 1 and self._data["repr"].is_floating_point()
+
+    def nbytes(self) -> int:
+        """Bytes of the blocks held (the doubling's spare rows are not touched, so not resident)."""
+        return sum(_size(t[: self.n]) for t in self._data.values())
+
+
+class LayerBlocks:
+    """Blocks of one layer: encoded KV per block (None while only on disk, or cold), their
+    representative keys (a :class:`ReprTable`) and running moments (:class:`ReprMoments`, so a
+    query's per-head score spread costs no pass over the blocks), the layer's accelerator cache
+    (None on CPU), and its last gathered selection ``(ids, kv [2, Hkv, n, D])``: consecutive decode
+    steps mostly pick the same blocks."""
+
+    def __init__(self, n_heads: int, head_dim: int, reprs: ReprTable):
         self.kv: list[dict | None] = []
-        self._repr = torch.empty(16, n_heads, head_dim, dtype=dtype, device=device)
+        self.table = reprs
         self.moments = ReprMoments(n_heads, head_dim)
         self.cache: DeviceLRU | None = None
         self.last: tuple[tuple[int, ...], torch.Tensor] | None = None
@@ -160,22 +246,22 @@ class LayerBlocks:
 
     @property
     def reprs(self) -> torch.Tensor:
-        return self._repr[: len(self.kv)]
+        """Every block's representative keys decoded, ``[n, H, D]`` (a copy when held compact)."""
+        return self.table.decoded(0, len(self.kv))
 
-    def set_reprs(self, reprs: torch.Tensor) -> None:
-        self._repr = reprs.to(self._repr.device, self._repr.dtype).clone()
-        self.moments.reset(self._repr)
-        if self._repr.shape[0] == 0:
-            self._repr = self._repr.new_empty(16, *self._repr.shape[1:])
+    def set_reprs(self, reprs: torch.Tensor | dict[str, torch.Tensor]) -> None:
+        """Replace the representative keys wholesale (a load): decoded ``[n, H, D]``, or encoded as
+        the table holds them."""
+        self.table.set(reprs if isinstance(reprs, dict) else self.table.encode(reprs))
+        self.moments.reset(self.table.decoded())
 
     def append(self, enc: dict, repr_key: torch.Tensor) -> None:
+        """Add a block: its encoded KV and its representative key ``[H, D]`` (encoded as the table
+        holds keys; the moments count the key as held)."""
         n = len(self.kv)
-        if n == self._repr.shape[0]:  # grow by doubling: reprs stay one tensor for a fast top-k
-            grown = self._repr.new_empty(2 * n, *self._repr.shape[1:])
-            grown[:n] = self._repr
-            self._repr = grown
-        self._repr[n] = repr_key
-        self.moments.add(self._repr[n : n + 1])  # as stored (in the reprs' dtype)
+        self.table.truncate(n)
+        self.table.append(self.table.encode(repr_key[None]))
+        self.moments.add(self.table.decoded(n, n + 1))
         self.kv.append(enc)
 
     def score_std(self, q: torch.Tensor) -> torch.Tensor:
@@ -196,8 +282,9 @@ class LayerBlocks:
 
     def truncate(self, n: int) -> None:
         if n < len(self.kv) and self.moments.count == len(self.kv):
-            self.moments.remove(self._repr[n : len(self.kv)])
+            self.moments.remove(self.table.decoded(n, len(self.kv)))
         del self.kv[n:]
+        self.table.truncate(n)
         if self.cache is not None:
             self.cache.truncate(n)
         if self.last is not None and any(b >= n for b in self.last[0]):

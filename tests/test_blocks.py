@@ -170,3 +170,50 @@ def test_a_store_read_back_from_disk_selects_as_the_one_written(tmp_path, kind):
         _assert_selects_as_block_relevance(back, queries, layer=layer)
         for relevance in RELEVANCE.values():
             assert [back.select(layer, q, 5, relevance) for q in queries] == [store.select(layer, q, 5, relevance) for q in queries]
+
+
+@pytest.mark.parametrize("kind", ["int8", "none"])
+def test_compact_reprs_hold_less_and_select_read_and_write_as_decoded_ones(tmp_path, monkeypatch, kind):
+    """Under a RAM budget representative keys stay encoded as on disk (int8: a quarter of the
+    bytes), scanned a chunk at a time: the same keys, the same selection, the same shards."""
+    from memory_plugin import tiers
+
+    monkeypatch.setattr(tiers, "REPR_CHUNK", 7)  # many chunks, the last one short
+    torch.manual_seed(3)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "p").mkdir()
+    compact = _store(kv_quantization=kind, compact_reprs=True, spill_dir=tmp_path / "c")
+    plain = _store(kv_quantization=kind, spill_dir=tmp_path / "p")
+    for layer in range(2):
+        for _ in range(40):
+            kv, r = torch.randn(2, HKV, BS, D), torch.randn(H, D) * torch.rand(H, 1) * 3 + 1
+            compact.append(layer, kv, r)
+            plain.append(layer, kv, r)
+    compact.truncate(33)  # a rollback inside a chunk, then growth past it again
+    plain.truncate(33)
+    for layer in range(2):
+        for _ in range(4):
+            r = torch.randn(H, D)
+            compact.append(layer, torch.zeros(2, HKV, BS, D), r)
+            plain.append(layer, torch.zeros(2, HKV, BS, D), r)
+    queries = torch.randn(20, H, D)
+    for layer in range(2):
+        assert torch.equal(compact.layers[layer].reprs, plain.layers[layer].reprs)
+        for relevance in RELEVANCE.values():
+            assert [compact.select(layer, q, 5, relevance) for q in queries] == [plain.select(layer, q, 5, relevance) for q in queries]
+        _assert_selects_as_block_relevance(compact, queries, layer=layer)
+    if kind == "int8":  # int8 and a float16 scale per head of D=8 keys against float32
+        assert compact.repr_nbytes() * 3 < plain.repr_nbytes()
+    else:
+        assert compact.repr_nbytes() == plain.repr_nbytes()
+    compact.flush()
+    plain.flush()
+    for layer in range(2):  # the shards hold the same keys either way
+        a, b = compact.stored_reprs(layer, 0, 37), plain.stored_reprs(layer, 0, 37)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for mode in (True, False):  # and read back either way, they select as the writer did
+        back = _store(kv_quantization=kind, compact_reprs=mode, spill_dir=tmp_path / "c")
+        back.attach(compact.disk.shards, resident=False)
+        for layer in range(2):
+            assert torch.equal(back.layers[layer].reprs, plain.layers[layer].reprs)
+            assert [back.select(layer, q, 5) for q in queries] == [plain.select(layer, q, 5) for q in queries]

@@ -270,6 +270,8 @@ def test_resident_bytes_stay_under_the_budget_and_answers_do_not_change(tiny_mod
     st = bounded.stats()
     assert st.bytes["disk"] > 0 and st.blocks > 30
     assert unbounded.stats().bytes["host"] > budget  # the budget really bounded something
+    reprs = [m._engine.ctx.store.repr_nbytes() for m in (bounded, unbounded)]
+    assert reprs[0] * 3 < reprs[1]  # under a budget reprs stay int8, as on disk
     assert _ask(bounded) == _ask(unbounded) and _hits(bounded) == _hits(unbounded)
 
 
