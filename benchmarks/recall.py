@@ -240,8 +240,18 @@ def run(a) -> dict:
         groups = [["full"]] if "full" in a.methods and length <= FULL_MAX_LENGTH else []
         groups += [[m for m in methods if m == "contextmemory" or m.startswith("hybrid")]]
         for group in filter(None, groups):
-            mem = build(group[0], model, tok)
-            where, t_ing = ingest(mem, pieces)
+            saved = a.memory_dir / f"{length}-{a.facts}-{a.seed}" if a.memory_dir and group[0] != "full" else None
+            if saved is not None and (saved / "where.json").exists():  # ingested by an earlier run
+                from memory_plugin import ContextMemory
+
+                mem = ContextMemory.load(saved, model, tokenizer=tok)
+                where, t_ing = json.loads((saved / "where.json").read_text())
+            else:
+                mem = build(group[0], model, tok)
+                where, t_ing = ingest(mem, pieces)
+                if saved is not None:
+                    mem.save(saved)
+                    (saved / "where.json").write_text(json.dumps([where, t_ing]))
             log(f"{'+'.join(group)} {length}: ingested {len(mem)} tokens in {t_ing:.0f}s ({len(mem) / t_ing:.0f} tok/s)")
             for m in group:
                 rows = []
@@ -292,6 +302,8 @@ def main() -> None:
     p.add_argument("--recall", type=int, nargs="+", default=[1, 3], help="passages placed, one hybrid run per value")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/recall"))
+    p.add_argument("--memory-dir", type=Path, help="save each ingested history here, and load it instead of "
+                   "ingesting again when a later run asks for the same length, facts and seed (its ingest_s is the first run's)")
     a = p.parse_args()
     t = time.perf_counter()
     res = run(a)
