@@ -104,7 +104,7 @@ class BlockStore:
         if compact_reprs:  # as on disk: int8 ones take a quarter of float32's RAM, scanned a bit slower
             table = lambda: ReprTable(self.codec.encode_reprs, self.codec.decode_reprs, empty)  # noqa: E731
         else:  # decoded, rounded as the codec stores them: a memory read back from disk selects alike
-            table = lambda: ReprTable(lambda r: {"repr": self.codec.round_reprs(r)}, lambda e: e["repr"], empty)  # noqa: E731
+            table = lambda: ReprTable(lambda r: {"repr": self.codec.round_reprs(r)}, lambda e, out=None: e["repr"], empty)  # noqa: E731
         self.compact_reprs = compact_reprs
         self.layers = [LayerBlocks(n_heads, head_dim, table()) for _ in range(n_layers)]
         if self.cache_device is not None:  # InfLLM's GPU cache: an LRU of decoded blocks per layer

@@ -106,7 +106,7 @@ class AsComputed:
     def encode_reprs(self, reprs: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"repr": reprs}
 
-    def decode_reprs(self, enc: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def decode_reprs(self, enc: dict[str, torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         return enc["repr"].to(dtype)
 
 
@@ -155,9 +155,14 @@ class Int8PerChannel:
         q = (reprs.float() / scale.float()).round_().clamp_(-127, 127).to(torch.int8)
         return {"repr": q, "repr_scale": scale}
 
-    def decode_reprs(self, enc: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def decode_reprs(self, enc: dict[str, torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: a float32 buffer to decode into, when ``dtype`` is float32 (a scan's chunks:
+        under a RAM budget each fresh buffer is its own mapping, page-faulted in and unmapped)."""
         if "repr_scale" not in enc:  # written before format 3: as computed
             return enc["repr"].to(dtype)
+        if out is not None and dtype == torch.float32:  # the same float32 product, in place
+            # (torch.mul(int8, float, out=) would still make a float copy of the int8 operand)
+            return out.copy_(enc["repr"]).mul_(enc["repr_scale"].float())
         return (enc["repr"].float() * enc["repr_scale"].float()).to(dtype)
 
 
@@ -190,8 +195,8 @@ class BlockCodec:
         """Representative keys ``[n, H, D]`` as stored (on disk, and rounded alike in RAM)."""
         return self.policy.encode_reprs(reprs)
 
-    def decode_reprs(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.policy.decode_reprs(enc, self.dtype)
+    def decode_reprs(self, enc: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.policy.decode_reprs(enc, self.dtype, out)
 
     def round_reprs(self, reprs: torch.Tensor) -> torch.Tensor:
         """``reprs`` as they read back from disk: what selection scans, so a memory loaded from

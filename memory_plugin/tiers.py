@@ -159,18 +159,20 @@ class ReprTable:
     values decode exactly to what the float table holds, so either ranks blocks alike.
 
     Example:
-        >>> t = ReprTable(lambda r: {"repr": (r * 2).round()}, lambda e: e["repr"] / 2, torch.zeros(0, 2, 3))
+        >>> t = ReprTable(lambda r: {"repr": (r * 2).round()}, lambda e, out=None: e["repr"] / 2, torch.zeros(0, 2, 3))
         >>> t.append(t.encode(torch.tensor([[[1.0, 0.2, 0.0], [0.0, 0.0, 1.0]]]))); len(t)
         1
         >>> t.decoded().tolist(), t.scores(torch.ones(6)).tolist()
         ([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]], [2.0])
     """
 
-    def __init__(self, encode: Callable[[torch.Tensor], dict], decode: Callable[[dict], torch.Tensor], empty: torch.Tensor):
+    def __init__(self, encode: Callable[[torch.Tensor], dict], decode: Callable[..., torch.Tensor], empty: torch.Tensor):
+        """``decode(enc, out=None)`` may decode into ``out``, a float32 ``[k, H, D]`` buffer."""
         self.encode, self.decode = encode, decode
         self._data: dict[str, torch.Tensor] = {}
         self.n = 0
         self.set(encode(empty))
+        self._chunk: torch.Tensor | None = None  # the chunked scan's buffer, made on first use
 
     def __len__(self) -> int:
         return self.n
@@ -213,10 +215,15 @@ class ReprTable:
         of :data:`REPR_CHUNK` blocks decoded at a time (one product when held decoded)."""
         if self.n <= REPR_CHUNK or self._held_decoded():
             return torch.mv(self.decoded().reshape(self.n, -1).float(), q)
+        if self._chunk is None or len(self._chunk) != REPR_CHUNK:
+            # One buffer, reused: a fresh one per chunk is its own mapping under a budget's
+            # allocator setting, and page faults then took most of a 1M turn (BENCHMARKS.md).
+            self._chunk = torch.empty(REPR_CHUNK, *self._data["repr"].shape[1:], device=q.device)
         out = torch.empty(self.n, device=q.device)
         for i in range(0, self.n, REPR_CHUNK):
             j = min(self.n, i + REPR_CHUNK)
-            torch.mv(self.decoded(i, j).reshape(j - i, -1).float(), q, out=out[i:j])
+            keys = self.decode(self.encoded(i, j), out=self._chunk[: j - i])
+            torch.mv(keys.reshape(j - i, -1).float(), q, out=out[i:j])
         return out
 
     def _held_decoded(self) -> bool:
@@ -224,7 +231,7 @@ class ReprTable:
 
     def nbytes(self) -> int:
         """Bytes of the blocks held (the doubling's spare rows are not touched, so not resident)."""
-        return sum(_size(t[: self.n]) for t in self._data.values())
+        return sum(_size(t[: self.n]) for t in self._data.values()) + (_size(self._chunk) if self._chunk is not None else 0)
 
 
 class LayerBlocks:
