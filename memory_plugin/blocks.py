@@ -316,11 +316,11 @@ class BlockStore:
     def _adopt_reprs(self, parts: list[dict]) -> torch.Tensor | dict:
         """One layer's representative keys as read from its shards (a dict per shard) as this store
         holds them: encoded alike, the shards' own encoding kept (compact), else decoded."""
-        decoded = [self.codec.decode_reprs(enc) for enc in parts]
         if not self.compact_reprs:
-            return torch.cat(decoded)
+            return torch.cat([self.codec.decode_reprs(enc) for enc in parts])
         # shards written before format 3 hold keys as computed: encoded here, as written since
-        encs = [enc if "repr_scale" in enc or self.codec.kind != "int8" else self.codec.encode_reprs(r) for enc, r in zip(parts, decoded)]
+        old = self.codec.kind == "int8"
+        encs = [self.codec.encode_reprs(self.codec.decode_reprs(e)) if old and "repr_scale" not in e else e for e in parts]
         return {k: torch.cat([e[k] for e in encs]) for k in encs[0]}
 
     def detach_disk(self) -> None:

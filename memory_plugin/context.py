@@ -490,8 +490,9 @@ class Context:
         left = self.cfg.max_resident_bytes - self._budget_fixed - self.store.repr_nbytes()
         if left <= 0 and not self._budget_overrun_warned:
             # Reprs grow with the history (under a budget held as stored: ~145 MB at 1M tokens of
-            # the embedded model in int8, 565 MB with float32 blocks), so a budget fine when opened can leave no room for blocks later: every
-            # selected block is then read from disk at every step. Said once, not refused: the
+            # the embedded model in int8, 565 MB with float32 blocks), so a budget fine when
+            # opened can leave no room for blocks later: every selected block is then read from
+            # disk at every step. Said once, not refused: the
             # memory stays correct and durable.
             self._budget_overrun_warned = True
             warnings.warn(
