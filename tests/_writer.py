@@ -16,4 +16,5 @@ with ContextMemory.open(path, model, tokenizer=tok, config=testing.TINY_CONFIG, 
     for i in range(start, start + 10_000):
         role, content = message(i, seed)
         mem.add_message(role, content)
-        print("ACK", i, flush=True)
+        sys.stdout.write(f"ACK {i}\n")  # one write: print() writes its pieces separately
+        sys.stdout.flush()
