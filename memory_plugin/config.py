@@ -90,16 +90,15 @@ class MemoryConfig:
     the process kept ~420 MB more than the memory held at 8k tokens."""
 
     recall_k: int = 3
-    """Passages :meth:`~memory_plugin.ContextMemory.retrieve` finds for a new input that are placed
-    verbatim just before it, inside the turn (never stored); 0 turns placement off. A small model
-    answers well from what sits right before the question, and poorly from far back: 10 facts in
-    documentation prose (BENCHMARKS.md, section 9), asked at 64k tokens, were answered 0/10 (chat and
-    completion) without placement, 9/10 and 8/10 with 1 passage, 7/10 and 10/10 with 3 (the
-    model's own ceiling, each fact in 1k tokens: 6/10 and 9/10); 3 is the only value that held 90%
-    of the ceiling in both styles at 16k and 64k, at 1.8-2.2x the turn time of no placement.
-    With today's search (BM25 + embeddings) and 20 facts, 10 of them written after this default
-    was chosen, 3 passages at 16k gave 12/20 chat and 19/20 completion (92% and 100% of the
-    ceiling; 1/20 and 3/20 without placement)."""
+    """Most passages :meth:`~memory_plugin.ContextMemory.retrieve` finds for a new input that are
+    placed verbatim just before it, inside the turn (never stored); 0 turns placement off. Only
+    passages scored at least half the best hit's are placed (``recall.PLACE_MIN_SHARE``): where the
+    search is sure, one. A small model answers well from what sits right before the question, and
+    poorly from far back: 20 facts in documentation prose (BENCHMARKS.md, section 9), asked as chat
+    questions / completion prompts, were answered 1/20 and 3/20 at 16k tokens and 0/20 and 0/20 at
+    64k without placement; 13/20 and 19/20 at 16k, 15/20 and 19/20 at 64k with this default (the
+    model's own ceiling, each fact in 1k tokens: 13/20 and 19/20). The top 3 placed without the cut
+    gave 12/20 and 10/20 for chat: a placed look-alike fact is what the model copied instead."""
     recall_max_tokens: int = 384
     """Most tokens of placed passages in one turn (each passage is at most ``block_size`` tokens)."""
 

@@ -21,6 +21,14 @@ RECENT_TOKENS = 1024
 """Recall placement skips passages among the last this many tokens: the embedded model already
 answers 7 of 8 questions about a fact ~1k tokens back (docs/BENCHMARKS.md, section 9), and a copy
 of what sits right before the question only lengthens the turn."""
+PLACE_MIN_SHARE = 0.5
+"""Recall placement places a passage only if its fused score is at least this share of the search's
+best hit's. With 20 look-alike facts in prose (docs/BENCHMARKS.md, section 9) the asked fact was
+rank 1 for all 80 questions at 16k and 64k, and rank 2 scored at most 0.287 of it; a placed
+look-alike is what a small model copies instead (three passages placed: chat 12/20 at 16k, 10/20 at
+64k; one: 13/20 and 15/20). Every share from 0.3 to 0.9 gave those answers of one passage there (it
+placed the asked fact alone, or nothing where it sat among the last ``RECENT_TOKENS``); 0.5 is the
+middle, with room on both sides."""
 EXPLAIN_K = 4  # attended spans an explained answer reports
 
 
@@ -111,14 +119,20 @@ def search(engine, query: str, k: int, mode: str) -> list[MemoryHit]:
 
 
 def place(engine, query: str, k: int) -> list[MemoryHit]:
-    """Up to ``k`` hybrid hits scored above the average, not among the last ``RECENT_TOKENS``
-    tokens, within ``config.recall_max_tokens`` together; channel ``"placed"``."""
+    """Up to ``k`` hybrid hits scored above the average and at least ``PLACE_MIN_SHARE`` of the
+    best hit's score, not among the last ``RECENT_TOKENS`` tokens, within
+    ``config.recall_max_tokens`` together; channel ``"placed"``."""
     limit, budget, out = len(engine) - RECENT_TOKENS, engine.config.recall_max_tokens, []
     if limit <= 0 or k == 0:
         return []
-    for h in search(engine, query, k + 8, "hybrid"):
+    hits = search(engine, query, k + 8, "hybrid")  # best first
+    for h in hits:
+        # Measured against the search's best hit even when that one is not placed (it sits right
+        # before the question already): what scores far below it is a look-alike, not the answer.
+        if len(out) == k or h.score < PLACE_MIN_SHARE * hits[0].score:
+            break
         # above the average fused score: a passage no channel singles out is not worth the tokens
-        if h.score > 0 and h.end <= limit and h.end - h.start <= budget and len(out) < k:
+        if h.score > 0 and h.end <= limit and h.end - h.start <= budget:
             budget -= h.end - h.start
             out.append(MemoryHit(h.text, h.start, h.end, h.score, h.message_index, h.role, ("placed",)))
     return out

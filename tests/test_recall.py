@@ -325,6 +325,33 @@ def test_place_is_what_a_turn_places_and_recall_query_searches_another_text(tiny
         mem.place(question, -1)
 
 
+def test_place_keeps_only_hits_close_to_the_best_one(tiny_memory, monkeypatch):
+    from memory_plugin import recall
+
+    mem = _long_history(tiny_memory)
+    ranked = []  # what the hybrid search returns, best first
+    monkeypatch.setattr(recall, "search", lambda engine, query, k, mode: ranked[:k])
+
+    def hit(i, score):
+        return recall.MemoryHit(f"passage {i}", 10 * i, 10 * i + 10, score)
+
+    share = recall.PLACE_MIN_SHARE
+    ranked[:] = [hit(0, 10.0), hit(1, 10.0 * share + 0.1), hit(2, 10.0 * share - 0.1), hit(3, 9.0)]
+    assert [h.text for h in mem.place("q", 3)] == ["passage 0", "passage 1"]  # stops at the first below the share
+    ranked[:] = [hit(0, 10.0), hit(1, 10.0 * share - 0.1)]
+    assert [h.text for h in mem.place("q", 3)] == ["passage 0"]  # a sure top hit is placed alone
+    ranked[:] = [hit(0, 10.0), hit(1, 8.0), hit(2, 7.0), hit(3, 6.0)]
+    assert [h.text for h in mem.place("q", 3)] == ["passage 0", "passage 1", "passage 2"]  # k still bounds it
+    # the share is of the search's best hit, even one not placed for being among the last RECENT_TOKENS
+    recent = recall.MemoryHit("recent", len(mem) - 10, len(mem), 20.0)
+    ranked[:] = [recent, hit(0, 10.0), hit(1, 5.0)]
+    assert [h.text for h in mem.place("q", 3)] == ["passage 0"]
+    ranked[:] = [recent, hit(0, 20.0 * share - 0.1)]
+    assert mem.place("q", 3) == []  # the answer sits right before the question: no look-alike is placed
+    ranked[:] = [hit(0, -1.0)]
+    assert mem.place("q", 3) == []  # below the average fused score: never placed
+
+
 def test_a_template_refusing_a_system_message_mid_conversation_places_nothing(tiny_memory, monkeypatch):
     from memory_plugin.chat import ChatFormat
 
