@@ -92,7 +92,7 @@ class MemoryConfig:
     recall_k: int = 3
     """Most passages :meth:`~memory_plugin.ContextMemory.retrieve` finds for a new input that are
     placed verbatim just before it, inside the turn (never stored); 0 turns placement off. Only
-    passages scored at least half the best hit's are placed (``recall.PLACE_MIN_SHARE``): where the
+    passages scored at least 0.4 of the best hit's are placed (``recall.PLACE_MIN_SHARE``): where the
     search is sure, one. A small model answers well from what sits right before the question, and
     poorly from far back: 20 facts in documentation prose (BENCHMARKS.md, section 9), asked as chat
     questions / completion prompts, were answered 1/20 and 3/20 at 16k tokens and 0/20 and 0/20 at
