@@ -368,8 +368,9 @@ class ContextMemory:
     def place(self, query: str, k: int | None = None) -> list[MemoryHit]:
         """The passages recall would place before ``query`` (what ``generate(..., recall=k)`` does
         for its prompt), best first: up to ``k`` (default ``config.recall_k``) hybrid hits scored
-        above the average and at least 0.4 of the best hit's score (``recall.PLACE_MIN_SHARE``), not among the last ``RECENT_TOKENS`` tokens (the model reads those
-        well already), within ``config.recall_max_tokens`` together. Their channel is "placed"."""
+        above the average and at least ``recall.PLACE_MIN_SHARE`` of the best hit's score, not
+        among the last ``RECENT_TOKENS`` tokens (the model reads those well already), within
+        ``config.recall_max_tokens`` together. Their channel is "placed"."""
         check_text(query, "query")
         k = self.config.recall_k if k is None else k
         _check_k(k)

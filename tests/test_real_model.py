@@ -28,8 +28,8 @@ def smol(real_model):
 
 def test_equals_transformers_full_attention_within_init_plus_window(smol):
     model, tok = smol
-    # A 1,024-token window, not the default 4,096: the same code path (init + window, no block
-    # yet) at a quarter of the tokens; the full forwards took 73 s of make test at the default.
+    # A 1,024-token window, not the default 2,048: the same code path (init + window, no block
+    # yet) at about half the tokens; the two full forwards took 73 s of a one-thread make test.
     fresh = ContextMemory(model, tok, MemoryConfig(n_local=1024))
     cfg = fresh.config
     text = passkey_history(tok, cfg.n_init + cfg.n_local - 20, 0.4, "48213")
