@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from .recall import SEARCH_MODES
+
 
 def _config(args):
     from .config import MemoryConfig
@@ -171,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ask.add_argument(
         "--mode",
-        choices=("hybrid", "lexical", "semantic", "attention"),
+        choices=SEARCH_MODES,
         default="hybrid",
-        help="how --show-sources searches: the channels fused (default), or one of them",
+        help="how --show-sources searches: the channels fused (default), one of them, or rerank (the model rescores the hybrid's best)",
     )
     ask.add_argument("-k", type=int, default=3, help="passages --show-sources prints (default 3)")
     _serve_parser(sub)

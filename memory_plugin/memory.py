@@ -30,7 +30,7 @@ from .engine import Engine
 from .history import Entry  # noqa: F401  (re-exported: memory_plugin.Entry)
 from .loading import DEFAULT_MODEL_NAME, load_model, resolve
 from .persistence import INDEX  # noqa: F401
-from .recall import EXPLAIN_K, RECENT_TOKENS, SEARCH_MODES, Answer, MemoryHit, Segment  # noqa: F401
+from .recall import EXPLAIN_K, RECENT_TOKENS, SEARCH_MODES, Answer, MemoryHit, SearchMode, Segment  # noqa: F401
 from .turns import PLACED_HEADER, TurnStream  # noqa: F401
 from .vectors import MemoryVectors
 
@@ -342,7 +342,7 @@ class ContextMemory:
         )
 
     @torch.inference_mode()
-    def retrieve(self, query: str, k: int = 4, *, mode: str = "hybrid") -> list[MemoryHit]:
+    def retrieve(self, query: str, k: int = 4, *, mode: SearchMode = "hybrid") -> list[MemoryHit]:
         """The ``k`` passages of the history most relevant to ``query``, best first.
 
         A passage is a message, or a piece of at most ``block_size`` tokens of a longer entry.
@@ -350,8 +350,11 @@ class ContextMemory:
         :func:`memory_plugin.retrieval.fuse`): ``"lexical"`` (BM25 over the passages' words: exact
         for names, ids, numbers) and ``"semantic"`` (a small embedding model's vectors:
         paraphrases); ``"attention"`` (the model's own queries for ``query`` against each passage's
-        keys) is a third channel asked on its own. Each hit's ``channels`` says which ranked it in
-        their top ``k``. The memory is not changed.
+        keys) is a third channel asked on its own. ``"rerank"`` has the model reread the hybrid's
+        best ``rerank.RERANK_N`` passages and score ``query`` as a question each one answers
+        (:mod:`memory_plugin.rerank`): better on paraphrases and loosely worded topics, but a
+        forward pass per passage (seconds on a CPU, against milliseconds). Each hit's
+        ``channels`` says which ranked it in their top ``k``. The memory is not changed.
 
         Example:
             >>> [(h.role, h.channels, h.text[:40]) for h in mem.retrieve("database port", k=2)]  # doctest: +SKIP

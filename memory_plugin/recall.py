@@ -10,13 +10,15 @@ leaves it unchanged; the ranking maths is :mod:`~memory_plugin.retrieval`, the i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, get_args
 
 import torch
 
-from . import retrieval
+from . import rerank, retrieval
 from .lexical import Passage
 
-SEARCH_MODES = ("hybrid", "lexical", "semantic", "attention")
+SearchMode = Literal["hybrid", "lexical", "semantic", "attention", "rerank"]
+SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 RECENT_TOKENS = 1024
 """Recall placement skips passages among the last this many tokens: the embedded model already
 answers 7 of 8 questions about a fact ~1k tokens back (docs/BENCHMARKS.md, section 9), and a copy
@@ -37,8 +39,9 @@ class MemoryHit:
     """A passage of the history: a message, or a piece of at most ``block_size`` tokens of a
     longer entry (cut at sentence or line ends).
 
-    ``channels`` says what found it: ``"lexical"`` / ``"attention"`` when it is among that
-    channel's top ``k`` for :meth:`ContextMemory.retrieve`; ``"placed"`` / ``"attended"`` in an
+    ``channels`` says what found it: ``"lexical"``, ``"semantic"``, ``"attention"`` or
+    ``"rerank"`` (the model's query likelihood) when it is among that channel's top ``k`` for
+    :meth:`ContextMemory.retrieve`; ``"placed"`` / ``"attended"`` in an
     explained answer (:class:`Answer`)."""
 
     text: str
@@ -97,11 +100,13 @@ class Answer:
 
 
 @torch.inference_mode()
-def search(engine, query: str, k: int, mode: str) -> list[MemoryHit]:
-    """The ``k`` passages best for ``query``: each channel ranks, :func:`retrieval.fuse` fuses."""
+def search(engine, query: str, k: int, mode: SearchMode) -> list[MemoryHit]:
+    """The ``k`` passages best for ``query``: each channel ranks, :func:`retrieval.fuse` fuses;
+    ``mode="rerank"``: the hybrid's best :data:`rerank.RERANK_N` reordered by the model
+    (:func:`rerank.rerank`)."""
     rankings: dict[str, list[tuple[Passage, float]]] = {}
     depth = max(k, retrieval.CHANNEL_DEPTH)
-    channels = retrieval.HYBRID if mode == "hybrid" else (mode,)
+    channels = retrieval.HYBRID if mode in ("hybrid", "rerank") else (mode,)
     lexical = engine.index.search(query, depth)
     if "lexical" in channels:
         rankings["lexical"] = lexical
@@ -114,7 +119,12 @@ def search(engine, query: str, k: int, mode: str) -> list[MemoryHit]:
             score = retrieval.attention_scores(engine.ctx, queries, n_seen, cands)
             order = score.argsort(descending=True, stable=True).tolist()
             rankings["attention"] = [(cands[i], float(score[i])) for i in order]
-    fused = retrieval.fuse(rankings)[:k]
+    fused = retrieval.fuse(rankings)
+    if mode == "rerank":
+        fused = fused[: max(k, rerank.RERANK_N)]
+        likelihood = rerank.query_likelihood(engine.model, engine.chat, query, [p.text for p, _, _ in fused])
+        fused = rerank.rerank(fused, likelihood)
+    fused = fused[:k]
     return [_hit(engine, p, s, tuple(c for c, r in ranks.items() if r <= k)) for p, s, ranks in fused]
 
 

@@ -74,7 +74,7 @@ def test_ask_recall_sets_how_many_passages_are_placed(tiny_cli, capsys):
     assert "placed before the question: 1" in err and "placed:" in err
 
 
-@pytest.mark.parametrize("mode", ["hybrid", "lexical"])
+@pytest.mark.parametrize("mode", ["hybrid", "lexical", "rerank"])
 def test_ask_show_sources_searches_in_the_mode_given_and_prints_channels(tiny_cli, capsys, mode):
     notes, made = tiny_cli
     argv = ["ask", "--file", notes, "--max-new-tokens", "1", "--show-sources", "--mode", mode, "-k", "2", QUESTION]

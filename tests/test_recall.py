@@ -10,13 +10,21 @@ import json
 import pytest
 
 from memory_plugin import Answer, ContextMemory, MemoryConfig
-from memory_plugin import lexical, retrieval
+from memory_plugin import lexical, rerank, retrieval
 from memory_plugin.semantic import Embedder, default_embedder
 from memory_plugin.lexical import LexicalIndex, Passage, cut, fts_query
 from memory_plugin.testing import TINY_CONFIG
 
 PROSE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 MEMO = "Maintenance memo: the pump in hall {hall} was fixed by technician {name}; ticket {ticket}."
+PERSONAL = [  # personal facts; the retrieval benchmark's paraphrase set (c) has them too
+    "My sister Anna moved to Lisbon last spring for a job at a bakery.",
+    "I'm allergic to peanuts, so please never suggest recipes with them.",
+    "The staging server's password gets rotated every ninety days by the ops crew.",
+    "I drive a dark green 2014 Subaru Outback that I bought second-hand.",
+    "I quit smoking in 2019 after my doctor warned me about my lungs.",
+    "We adopted a rescue greyhound called Biscuit from the shelter in March.",
+]
 MEMOS = [("Brackwater", "Ines Okafor", "MX-40217"), ("Quillfeather", "Oriana Vesk", "MX-51873"), ("Tamsin", "Hal Ebo", "MX-69302")]
 
 
@@ -25,7 +33,7 @@ def _state(mem):
 
 
 def test_module_doctests():
-    for module in (lexical, retrieval):
+    for module in (lexical, retrieval, rerank):
         assert doctest.testmod(module).failed == 0
 
 
@@ -112,6 +120,55 @@ def test_attention_mode_ranks_every_passage_and_channels_name_the_finder(tiny_me
     assert all(h.channels in ((), ("attention",)) for h in hits)
     assert sum("attention" in h.channels for h in hits) == 1000 or len(hits) < 1000
     assert sorted((h.start, h.end) for h in hits) == sorted((h.start, h.end) for h in mem.retrieve("pump", k=1000))
+
+
+def _likelihood(model, tok, query, passage):
+    """The mean log-probability of ``query`` as the reply to the rerank prompt, from one full forward."""
+    import torch
+
+    turn = [{"role": "user", "content": rerank.PROMPT.format(passage=passage.strip())}]
+    prompt = tok(tok.apply_chat_template(turn, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    reply = tok(query, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([prompt + reply])).logits[0].float(), -1)
+    return float(sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(reply)) / len(reply))
+
+
+def test_rerank_reorders_the_hybrids_best_by_the_models_query_likelihood(tiny_memory, tiny_model, tiny_tokenizer):
+    import torch
+
+    mem = _memos_memory(tiny_memory, n_prose=12)  # more passages than the model rescores
+    before, query = _state(mem), "Who fixed the pump in hall Tamsin?"
+    hybrid = mem.retrieve(query, k=rerank.RERANK_N)
+    got = mem.retrieve(query, k=rerank.RERANK_N, mode="rerank")
+    assert len(hybrid) == rerank.RERANK_N and _state(mem) == before
+    assert sorted((h.start, h.end) for h in got) == sorted((h.start, h.end) for h in hybrid)  # the same candidates
+    # the ranking is z(hybrid score) + z(likelihood), each over the candidates, the likelihood computed apart
+    h = torch.tensor([x.score for x in hybrid], dtype=torch.float64)
+    lp = torch.tensor([_likelihood(tiny_model, tiny_tokenizer, query, x.text) for x in hybrid], dtype=torch.float64)
+    z = lambda x: (x - x.mean()) / x.std(correction=0)  # noqa: E731
+    fused = (z(h) + z(lp)).tolist()
+    want = sorted(range(len(hybrid)), key=lambda i: -fused[i])
+    assert [(x.start, x.end) for x in got] == [(hybrid[i].start, hybrid[i].end) for i in want]
+    assert [x.score for x in got] == pytest.approx([fused[i] for i in want], abs=2e-3)  # float32 logits, z-scaled
+    assert all("rerank" in x.channels for x in got)  # k = N: every candidate is in the model's top k
+    # a smaller k is the head of the same ranking; the channel names only the model's own top k
+    top2 = mem.retrieve(query, k=2, mode="rerank")
+    assert [(x.start, x.end) for x in top2] == [(x.start, x.end) for x in got[:2]]
+    by_model = sorted(range(len(hybrid)), key=lambda i: -lp[i])[:2]
+    assert {(x.start, x.end) for x in top2 if "rerank" in x.channels} == {
+        (hybrid[i].start, hybrid[i].end) for i in by_model} & {(x.start, x.end) for x in top2}
+
+
+def test_real_model_rerank_finds_a_paraphrased_fact_the_hybrid_ranks_second(real_model):
+    model, tok = real_model
+    mem = ContextMemory(model, tok)
+    for fact in PERSONAL:
+        mem.add_message("user", fact)
+    query, dog = "What's the name of our pet dog?", PERSONAL[5]  # no word shared with the fact
+    hybrid = [h.text for h in mem.retrieve(query, k=2)]
+    assert hybrid[1] == dog, hybrid  # the premise: the hybrid puts the password fact first
+    assert mem.retrieve(query, k=1, mode="rerank")[0].text == dog
 
 
 def test_long_entries_are_cut_into_block_sized_passages_tiling_the_entry(tiny_memory):

@@ -281,6 +281,10 @@ def test_search_forget_delete(serve):
         chat(url, convo, thread="f")
         hits = httpx.post(f"{url}/threads/f/search", json={"query": "vault code", "k": 2, "mode": "lexical"}).json()
         assert "vault" in hits["data"][0]["text"] and hits["data"][0]["message_index"] == 0
+        reranked = httpx.post(f"{url}/threads/f/search", json={"query": "vault code", "k": 3, "mode": "rerank"}).json()
+        assert {h["message_index"] for h in reranked["data"]} <= {0, 1, 2} and reranked["data"]
+        assert all("rerank" in h["channels"] for h in reranked["data"])
+        assert httpx.post(f"{url}/threads/f/search", json={"query": "x", "mode": "bm25"}).status_code in (400, 422)
         r = httpx.post(f"{url}/threads/f/forget", json={"contains": "vault"}).json()
         assert r == {"thread": "f", "forgotten": 1}
         msgs = httpx.get(f"{url}/threads/f/messages").json()["data"]

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..recall import SearchMode
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -358,7 +360,7 @@ class ThreadMessages(BaseModel):
 class SearchRequest(_Request):
     query: str = Field(min_length=1)
     k: int = Field(default=4, ge=0, le=100)
-    mode: Literal["hybrid", "lexical", "semantic", "attention"] = "hybrid"
+    mode: SearchMode = "hybrid"
 
 
 class SearchHit(BaseModel):

@@ -115,6 +115,11 @@ def test_retriever_mode_field_and_per_call(filled):
         (h.text, h.score) for h in filled.retrieve(query, k=3, mode="attention")
     ]
     assert all(d.metadata["channels"] == ["attention"] for d in attention)
+    reranked = retriever.invoke(query, mode="rerank")
+    assert [(d.page_content, d.metadata["channels"]) for d in reranked] == [
+        (h.text, list(h.channels)) for h in filled.retrieve(query, k=3, mode="rerank")
+    ]
+    assert any("rerank" in d.metadata["channels"] for d in reranked)
     with pytest.raises(ValueError):
         ContextMemoryRetriever(memory=filled, mode="vector")
 

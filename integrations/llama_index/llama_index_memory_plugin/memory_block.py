@@ -10,13 +10,14 @@ with the model's attention ranking) finds for the latest input.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.memory.memory import BaseMemoryBlock
 
 from memory_plugin import ContextMemory, MemoryHit
+from memory_plugin.recall import SearchMode
 
 from ._common import message_text, to_memory_messages
 
@@ -45,7 +46,7 @@ class ContextMemoryBlock(BaseMemoryBlock[str]):
     )
     memory: ContextMemory = Field(exclude=True, description="Where flushed messages are encoded.")
     similarity_top_k: int = Field(default=3, ge=0, description="Memory passages retrieved per read.")
-    mode: Literal["hybrid", "lexical", "semantic", "attention"] = Field(
+    mode: SearchMode = Field(
         default="hybrid", description="How the history is searched (see ContextMemory.retrieve)."
     )
     query_messages: int = Field(default=1, ge=1, description="Latest messages whose text forms the query.")

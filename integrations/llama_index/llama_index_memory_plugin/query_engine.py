@@ -88,7 +88,7 @@ class ContextMemoryQueryEngine(BaseQueryEngine):
             must already hold exactly ``nodes`` as ingested by this class (e.g. a loaded memory).
         nodes: the corpus, in order. Nodes with no text are skipped.
         similarity_top_k: passages returned as source nodes.
-        mode: how source nodes are searched: "hybrid" (default), "lexical", "semantic" or "attention" (see
+        mode: how source nodes are searched: "hybrid" (default), "lexical", "semantic", "attention" or "rerank" (see
             :meth:`ContextMemory.retrieve`).
         recall: passages placed before the prompt (None: the memory's ``config.recall_k``; 0: none).
         max_new_tokens, temperature, stop: generation settings (greedy by default).

@@ -47,7 +47,7 @@ class ContextMemoryRetriever(BaseRetriever):
     Args:
         memory: the memory searched (not changed).
         similarity_top_k: passages per query.
-        mode: "hybrid" (default), "lexical", "semantic" or "attention" (see :meth:`ContextMemory.retrieve`).
+        mode: "hybrid" (default), "lexical", "semantic", "attention" or "rerank" (see :meth:`ContextMemory.retrieve`).
         id_prefix: the start of every source id (default :data:`SOURCE_ID_PREFIX`): give each
             memory its own when retrieving from several.
 

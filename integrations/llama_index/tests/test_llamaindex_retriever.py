@@ -68,6 +68,9 @@ async def test_async_retrieve_and_bad_settings(memory):
         ContextMemoryRetriever(memory, similarity_top_k=-1)
     with pytest.raises(ValueError, match="mode must be one of"):
         ContextMemoryRetriever(memory, mode="vector")
+    reranked = ContextMemoryRetriever(memory, similarity_top_k=2, mode="rerank").retrieve("locker code")
+    assert [(n.node.get_content(), n.score) for n in reranked] == [
+        (h.text, h.score) for h in memory.retrieve("locker code", k=2, mode="rerank")]
 
 
 def test_a_retriever_query_engine_answers_from_the_retrieved_passages(memory):
