@@ -42,6 +42,7 @@ smallest is reported (a scan would grow ~linearly).
     python benchmarks/retrieval.py --sets abc --real-scale 10000 --scale 10000 100000 1000000 --out benchmarks/results/retrieval
     python benchmarks/retrieval.py --sets abc --real-scale 10000 100000      # + the real model at 100k
     python benchmarks/retrieval.py --sets none --scale 10000 100000           # tiny-model timings only
+    python benchmarks/retrieval.py --real-scale --scale --modes hybrid rerank --name rerank-library  # the rerank mode
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SEED = 0
 MODES = ("lexical", "semantic", "attention", "hybrid", "hybrid-rrf", "hybrid+attention")
+ALL_MODES = (*MODES, "rerank")  # rerank: ~10-20 s per query on one thread, asked for by --modes
 SCALE_MODES = ("lexical", "semantic", "attention", "hybrid")  # hybrid: the default channels and fusion
 K = 3
 
@@ -268,7 +270,7 @@ def search(mem, query: str, mode: str) -> tuple[list, float]:
         retrieval.FUSION, retrieval.HYBRID = fusion, channels
 
 
-def quality(model, tok, sets: str) -> dict:
+def quality(model, tok, sets: str, modes=MODES) -> dict:
     from tqdm import tqdm
 
     from memory_plugin import ContextMemory
@@ -283,7 +285,7 @@ def quality(model, tok, sets: str) -> dict:
     entry = {x["label"]: x["entry"] for x in items}
     log(f"quality: {len(items)} entries, {len(mem)} tokens, {mem.stats().blocks} blocks, "
         f"ingest {ingest_s:.0f}s ({len(mem) / ingest_s:.0f} tok/s)")
-    for mode in MODES:  # warm-up, untimed
+    for mode in modes:  # warm-up, untimed
         search(mem, "warm up", mode)
     rows = []
     asked = [x for x in items if x["asked"]]
@@ -291,7 +293,7 @@ def quality(model, tok, sets: str) -> dict:
     for x in tqdm(sorted(asked, key=lambda x: (x["set"], x["entry"])), desc="quality queries", file=sys.stderr):
         row = {"set": x["set"], "label": x["label"], "query": x["query"], "modes": {}}
         ok = {x["entry"]} | ({entry[SAME_TEXT[x["label"]]]} if x["label"] in SAME_TEXT else set())
-        for mode in MODES:
+        for mode in modes:
             hits, secs = search(mem, x["query"], mode)
             got = [h.message_index for h in hits]
             row["modes"][mode] = {
@@ -311,7 +313,8 @@ def quality(model, tok, sets: str) -> dict:
                                  "top3": sum(r["modes"][m]["top3"] for r in rs),
                                  "top1_same_text": sum(r["modes"][m]["top1_same_text"] for r in rs),
                                  "s_per_query": round(sum(r["modes"][m]["seconds"] for r in rs) / len(rs), 4)}
-                             for m in MODES}
+                             for m in modes}
+    res["modes"] = list(modes)
     mem.close()
     return res
 
@@ -421,21 +424,22 @@ def report(res: dict) -> str:
     lines = []
     q = res.get("quality")
     if q:
+        modes = q.get("modes", MODES)
         lines += [f"Quality: one history of {q['entries']} entries, {q['tokens']} tokens, {q['blocks']} blocks "
                   f"(embedded model; ingest {q['ingest_s']:.0f}s). Top-k of retrieve(k={K}).", "",
                   "| set | channel | top-1 | top-3 | s/query |", "|---|---|---|---|---|"]
         for s, by in q["summary"].items():
-            for m in MODES:
+            for m in modes:
                 v = by[m]
                 extra = f" ({v['top1_same_text']} counting the identical text)" if v["top1_same_text"] != v["top1"] else ""
                 lines.append(f"| {SET_NAMES[s]} | {m} | {v['top1']}/{v['n']}{extra} | {v['top3']}/{v['n']} | {v['s_per_query']:.3f} |")
-        fails = [r for r in q["rows"] if not all(r["modes"][m]["top1"] for m in MODES)]
+        fails = [r for r in q["rows"] if not all(r["modes"][m]["top1"] for m in modes)]
         if fails:
             lines += ["", "Queries some channel missed at top-1 (the top-1 entry each channel returned; * = right):", "",
-                      "| set | expected | query | " + " | ".join(MODES) + " |", "|---|---|---|" + "---|" * len(MODES)]
+                      "| set | expected | query | " + " | ".join(modes) + " |", "|---|---|---|" + "---|" * len(modes)]
             for r in fails:
                 cells = [("*" if r["modes"][m]["top1"] else "") + str((r["modes"][m]["hits"] or [{}])[0].get("label"))
-                         for m in MODES]
+                         for m in modes]
                 lines.append(f"| {r['set']} | {r['label']} | {r['query']} | " + " | ".join(cells) + " |")
     if res.get("scale"):
         lines += ["", "Scale: seconds per query (mean over the timed queries; hybrid = default fusion). "
@@ -471,6 +475,7 @@ def main() -> None:
     p.add_argument("--timing-queries", type=int, default=8, help="queries per set timed at each length")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval"))
     p.add_argument("--name", default="channels", help="output files: NAME.json and NAME.md in --out")
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=ALL_MODES, help="quality modes (default: all but rerank)")
     p.add_argument("--threads", type=int, help="torch threads (on a shared machine 1 avoids oversubscription)")
     a = p.parse_args()
     sets = "" if a.sets == "none" else a.sets
@@ -488,7 +493,7 @@ def main() -> None:
            "torch_threads": torch.get_num_threads(), "load_avg_start": load_avg(), "scale": []}
     model, tok = load_model()
     if sets:
-        res["quality"] = quality(model, tok, sets)
+        res["quality"] = quality(model, tok, sets, a.modes)
     if a.real_scale:
         res["scale"] += scale("real", model, tok, a.real_scale, a.timing_queries)
     del model
