@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -70,6 +71,29 @@ def load_model(
     hf_model.to(device).eval()
     hf_model.requires_grad_(False)
     return hf_model, tokenizer
+
+
+_SHARED: dict[tuple[str, str, str], tuple] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def load_shared_model(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """``(model, tokenizer)`` as :func:`load_model` gives them, loaded once per process for each
+    model, device and dtype, and shared by every caller: the weights are only read (each
+    conversation has its own memory). The embedded model named by its GGUF path is the same copy.
+    Loading the embedded GGUF takes about a minute on one CPU thread (transformers parses its
+    metadata once each for the config, the tokenizer and the weights)."""
+    path = default_model_path() if model is None else Path(model)
+    key = (str(path.resolve()) if path.is_file() else str(model), str(torch.device(device or "cpu")), str(dtype))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = load_model(model, device=device, dtype=dtype)
+        return _SHARED[key]
 
 
 def _resolve(model) -> tuple[str, dict]:

@@ -6,8 +6,6 @@ conftest.py files; the package itself never imports pytest).
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 
 from . import testing
@@ -34,17 +32,10 @@ def tiny_memory(tiny_model, tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def real_model():
-    """The embedded SmolLM2-135M-Instruct and its tokenizer, loaded once per process.
+    """The embedded SmolLM2-135M-Instruct and its tokenizer, loaded once per process
+    (:func:`~memory_plugin.loading.load_shared_model`): each suite's conftest.py imports this
+    fixture and pytest keeps a session fixture per conftest, so without the shared copy one
+    ``make test`` loaded the GGUF once per suite (~57 s each on one thread)."""
+    from .loading import load_shared_model
 
-    Each suite's conftest.py imports this fixture, and pytest keeps a session fixture per conftest:
-    without the cache below one ``make test`` loaded the GGUF three times (~57 s each on one
-    thread, most of it transformers parsing the file's metadata, once for the config, once for
-    the tokenizer and once for the weights)."""
-    return _embedded_model()
-
-
-@functools.cache
-def _embedded_model():
-    from . import load_model
-
-    return load_model()
+    return load_shared_model()

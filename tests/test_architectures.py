@@ -401,3 +401,15 @@ def test_the_memory_api_runs_on_hybrids_and_layers_without_rope(family):
     g = ctx.g
     assert all(t.shape == (2, g.n_kv_heads, cfg.block_size, g.head_dim) for t in kv)
     assert isinstance(mem.generate("sky?", max_new_tokens=4, min_new_tokens=4), str)
+
+
+def test_a_shared_model_is_loaded_once_per_process_for_each_model_device_and_dtype(tmp_path):
+    pytest.importorskip("gguf")
+    from memory_plugin.loading import load_shared_model
+
+    path = tmp_path / "llama3.gguf"
+    _write_gguf(FAMILIES["llama3"](), _tok(), path)
+    first = load_shared_model(path)
+    assert load_shared_model(str(path)) is first and load_shared_model(path, device="cpu") is first
+    other = load_shared_model(path, dtype=torch.bfloat16)
+    assert other is not first and other[0].dtype == torch.bfloat16 and first[0].dtype == torch.float32
