@@ -39,8 +39,9 @@ def query_likelihood(model, chat, query: str, passages: Sequence[str]) -> list[f
     """Mean log-probability of ``query``'s tokens as the model's reply to :data:`PROMPT` with each
     passage, in the model's chat template (``chat``: a :class:`~memory_plugin.chat.ChatFormat`).
 
-    One forward per passage, unpadded: exact whatever the family's padding rules, and on a CPU no
-    slower than a padded batch of prompts of different lengths."""
+    One forward per passage, unpadded: exact whatever the family's padding rules. On one CPU thread
+    ten 80-token prompts took 10.2 s one by one and 8.0 s as one batch of equal lengths; passages
+    of different lengths would pad that batch."""
     reply = chat.encode(query.strip())
     if not reply:
         raise ValueError("query has no tokens to score")
@@ -52,7 +53,7 @@ def query_likelihood(model, chat, query: str, passages: Sequence[str]) -> list[f
         prompt = chat.bos + chat.encode(turn)
         ids = torch.tensor([prompt + reply], device=device)
         # the positions that predict the reply: the prompt's last token and the reply's own but its last
-        logits = model(ids, logits_to_keep=len(reply) + 1).logits[0, :-1].float().cpu()
+        logits = model(ids, use_cache=False, logits_to_keep=len(reply) + 1).logits[0, :-1].float().cpu()
         out.append(float(torch.log_softmax(logits, -1).gather(1, target[:, None]).mean()))
     return out
 
