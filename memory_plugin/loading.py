@@ -9,9 +9,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import threading
+import warnings
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from .architectures import ARCHITECTURES, UnsupportedModelError, describe
@@ -62,15 +66,73 @@ def load_model(
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     source, kwargs = _resolve(model)
+    converted = converted_dir(Path(source) / kwargs["gguf_file"]) if "gguf_file" in kwargs else None
+    cached = converted is not None and (converted / _CONVERTED_MARK).is_file()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(converted if cached else source, **({} if cached else kwargs))
+        hf_model = AutoModelForCausalLM.from_pretrained(converted if cached else source, dtype=dtype, **({} if cached else kwargs))
     except OSError as e:
         raise ModelNotFoundError(f"could not load model {model!r} from local files (no downloads are made): {e}") from e
+    if cached:  # named as the GGUF load names it: a memory records where its model came from, not the cache
+        hf_model.config._name_or_path = tokenizer.name_or_path = source
+    elif converted is not None and dtype == torch.float32:
+        _save_converted(hf_model, tokenizer, converted)
     check_supported(hf_model)
     hf_model.to(device).eval()
     hf_model.requires_grad_(False)
     return hf_model, tokenizer
+
+
+_CONVERTED_MARK = "converted.json"
+
+
+def converted_dir(gguf: Path) -> Path | None:
+    """Where the float32 conversion of ``gguf`` is kept (safetensors and the tokenizer's files),
+    or None when the cache is off (``MEMORY_PLUGIN_CACHE=""``).
+
+    transformers converts a GGUF on every load: the embedded model takes ~57 s on one CPU thread,
+    most of it parsing the file's metadata three times (config, tokenizer, weights), where its
+    converted copy loads in seconds. So the first load keeps the copy, under
+    ``$MEMORY_PLUGIN_CACHE`` (default ``~/.cache/memory_plugin``), in a directory named by the
+    file's path, size and modification time and the transformers version: a changed file or a
+    new converter is converted again."""
+    import transformers
+
+    root = os.environ.get("MEMORY_PLUGIN_CACHE")
+    if root == "":
+        return None
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memory_plugin"
+    st = gguf.stat()
+    key = json.dumps([str(gguf.resolve()), st.st_size, st.st_mtime_ns, transformers.__version__])
+    return base / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _save_converted(hf_model, tokenizer, target: Path) -> None:
+    """Write the converted copy beside, then rename it into place: a reader never sees half of
+    one, and of two processes converting at once the second's copy is dropped. A cache that
+    cannot be written (read-only home, full disk) costs the next load its minute, nothing else."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+        try:
+            # save_pretrained refuses a model loaded from a GGUF (its config names the GGUF
+            # quantizer): the plain config and the dequantized weights are what a load needs.
+            cfg = hf_model.config.to_dict()
+            cfg.pop("quantization_config", None)
+            type(hf_model.config).from_dict(cfg).save_pretrained(tmp)
+            safetensors.torch.save_model(hf_model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save_pretrained(tmp)
+            (tmp / _CONVERTED_MARK).write_text(json.dumps({"from": "gguf", "dtype": "float32"}))
+            if target.exists() and not (target / _CONVERTED_MARK).is_file():
+                shutil.rmtree(target)  # not a finished copy: a rename cannot replace a directory
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / _CONVERTED_MARK).is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        warnings.warn(f"could not keep the converted model in {target} (each load converts the GGUF again): {e}", stacklevel=3)
 
 
 _SHARED: dict[tuple[str, str, str], tuple] = {}

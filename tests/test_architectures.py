@@ -146,6 +146,12 @@ def _hf_logits(model, ids):
         return model(ids[None]).logits[0]
 
 
+@pytest.fixture(autouse=True)
+def _gguf_cache(tmp_path, monkeypatch):
+    """GGUFs written here are converted into the test's own directory, not the user's cache."""
+    monkeypatch.setenv("MEMORY_PLUGIN_CACHE", str(tmp_path / "cache"))
+
+
 def test_every_family_is_described():
     assert set(ARCHITECTURES) >= {"qwen3", "llama", "granite", "olmo2", "phi3", "qwen3_moe", "smollm3", "gemma2", "gemma3_text"}
 
@@ -413,3 +419,39 @@ def test_a_shared_model_is_loaded_once_per_process_for_each_model_device_and_dty
     assert load_shared_model(str(path)) is first and load_shared_model(path, device="cpu") is first
     other = load_shared_model(path, dtype=torch.bfloat16)
     assert other is not first and other[0].dtype == torch.bfloat16 and first[0].dtype == torch.float32
+
+
+def test_a_gguf_is_converted_once_and_the_copy_loads_the_same_model(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    import transformers
+
+    from memory_plugin.loading import converted_dir, load_model
+
+    path = tmp_path / "llama3.gguf"
+    _write_gguf(FAMILIES["llama3"](), _tok(), path)
+    first, tok = load_model(path)
+    copy = converted_dir(path)
+    assert (copy / "converted.json").is_file() and copy.parent == tmp_path / "cache" / "gguf"
+    sources = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda src, **kw: sources.append((str(src), kw.get("gguf_file"))) or real(src, **kw))
+    again, tok2 = load_model(path)
+    assert sources == [(str(copy), None)]  # the copy was read, not the GGUF
+    assert again.config._name_or_path == first.config._name_or_path == str(tmp_path)  # named by the GGUF
+    ours, theirs = first.state_dict(), again.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    text = "The pass key is 12345."
+    assert tok2.encode(text) == tok.encode(text) and tok2.chat_template == tok.chat_template
+    ids = _ids(24, first.config.vocab_size, seed=1)
+    torch.testing.assert_close(_hf_logits(again, ids), _hf_logits(first, ids), atol=0, rtol=0)
+    assert load_model(path, dtype=torch.bfloat16)[0].dtype == torch.bfloat16  # the float32 copy, cast
+    # a file changed in place gets a new copy; the cache can be turned off, or fail to be written
+    path.write_bytes(path.read_bytes() + b"\0" * 32)
+    assert converted_dir(path) != copy
+    monkeypatch.setenv("MEMORY_PLUGIN_CACHE", "")
+    assert converted_dir(path) is None
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MEMORY_PLUGIN_CACHE", str(tmp_path / "a-file"))
+    with pytest.warns(UserWarning, match="could not keep the converted model"):
+        assert load_model(path)[0].config.model_type == first.config.model_type
