@@ -131,7 +131,7 @@ def _save_converted(hf_model, tokenizer, target: Path) -> None:
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - keeping a copy is an optimisation: it must never fail a load
         warnings.warn(f"could not keep the converted model in {target} (each load converts the GGUF again): {e}", stacklevel=3)
 
 
@@ -148,8 +148,8 @@ def load_shared_model(
     """``(model, tokenizer)`` as :func:`load_model` gives them, loaded once per process for each
     model, device and dtype, and shared by every caller: the weights are only read (each
     conversation has its own memory). The embedded model named by its GGUF path is the same copy.
-    Loading the embedded GGUF takes about a minute on one CPU thread (transformers parses its
-    metadata once each for the config, the tokenizer and the weights)."""
+    (A GGUF's first load converts it, about a minute on one CPU thread for the embedded model;
+    later ones read the kept copy, see :func:`converted_dir`.)"""
     path = default_model_path() if model is None else Path(model)
     key = (str(path.resolve()) if path.is_file() else str(model), str(torch.device(device or "cpu")), str(dtype))
     with _SHARED_LOCK:
