@@ -160,6 +160,7 @@ def test_rerank_reorders_the_hybrids_best_by_the_models_query_likelihood(tiny_me
         (hybrid[i].start, hybrid[i].end) for i in by_model} & {(x.start, x.end) for x in top2}
 
 
+@pytest.mark.real_model
 def test_real_model_rerank_finds_a_paraphrased_fact_the_hybrid_ranks_second(real_model):
     model, tok = real_model
     mem = ContextMemory(model, tok)
