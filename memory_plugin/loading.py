@@ -68,13 +68,16 @@ def load_model(
     source, kwargs = _resolve(model)
     converted = converted_dir(Path(source) / kwargs["gguf_file"]) if "gguf_file" in kwargs else None
     cached = converted is not None and (converted / _CONVERTED_MARK).is_file()
+    origin = source
+    if cached:
+        source, kwargs = str(converted), {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(converted if cached else source, **({} if cached else kwargs))
-        hf_model = AutoModelForCausalLM.from_pretrained(converted if cached else source, dtype=dtype, **({} if cached else kwargs))
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as e:
         raise ModelNotFoundError(f"could not load model {model!r} from local files (no downloads are made): {e}") from e
     if cached:  # named as the GGUF load names it: a memory records where its model came from, not the cache
-        hf_model.config._name_or_path = tokenizer.name_or_path = source
+        hf_model.config._name_or_path = tokenizer.name_or_path = origin
     elif converted is not None and dtype == torch.float32:
         _save_converted(hf_model, tokenizer, converted)
     check_supported(hf_model)
