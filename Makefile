@@ -26,9 +26,13 @@ $(STAMP): pyproject.toml integrations/llama_index/pyproject.toml integrations/la
 demo: venv
 	$(PY) examples/demo.py
 
+# One pytest worker per core (pytest-xdist), each file's tests kept together in one worker (its
+# module fixtures, such as a real-model ingest, are built once) and one torch thread per worker
+# (two OpenMP threads per worker would spin-wait on each other on 2 cores).
+TEST_WORKERS ?= 2
 test: venv
 	$(VENV)/bin/lint-imports  # the core's layers (pyproject.toml): no import cycle, no upward import
-	$(PY) -m pytest -q tests integrations/llama_index/tests integrations/langchain/tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests integrations/llama_index/tests integrations/langchain/tests
 
 # The figures of docs/BENCHMARKS.md (about three hours on 2 CPU cores; each command is in that file).
 bench: PK := benchmarks/results/passkey
