@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .archive import ColdTier
+from .blocks import release_free_memory
 from .chat import ChatFormat
 from .config import MemoryConfig
 from .history import Entry, History
@@ -112,10 +113,11 @@ class Engine:
 
     def settle(self) -> None:
         """After new history: snapshot an open memory when due (not inside an atomic block: a
-        snapshot names only logged entries), wake the cold-tier worker."""
+        snapshot names only logged entries), wake the cold-tier worker, hand freed heap pages back."""
         if self.durable is not None and not self.holding:
             self.durable.maybe_snapshot(self.ctx, self.history)
         self.cold.notify()
+        release_free_memory()
 
     def first_ids(self, ids: list[int]) -> list[int]:
         """Prefix BOS when the history is empty and the tokenizer uses one."""

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
-from .blocks import ShardInfo, ShardSet, atomic_write, write_safetensors
+from .blocks import ShardInfo, ShardSet, atomic_write, release_free_memory, write_safetensors
 from .config import MemoryConfig
 from .history import spans
 from .loading import model_fingerprint  # noqa: F401  (its old home: re-exported)
@@ -510,6 +510,7 @@ def load_into(engine, directory: Path, manifest: Manifest, *, verify: bool, keep
         engine.spill_dir = None
     engine.replay(tail)
     engine.reindex()
+    release_free_memory(0)  # the shard buffers read and freed while loading
 
 
 # Fields an opened memory keeps from its directory whatever the config given says: how its blocks
@@ -552,6 +553,7 @@ def open_into(engine, directory: Path, lock: DirLock, manifest: Manifest | None,
         durable.maybe_snapshot(engine.ctx, engine.history)
     else:
         durable.snapshot(engine.ctx, engine.history)
+    release_free_memory(0)  # the shard buffers read and freed while opening
 
 
 def snapshot_entries(engine, first_dropped: int) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import recall
+from .blocks import release_free_memory
 from .chat import StreamDecoder, check_text
 from .history import Entry
 from .lexical import locate
@@ -223,6 +224,8 @@ def _finish(engine, turn: Turn, remember: bool) -> None:
         engine.append(user + ([("assistant", turn.answer)] if turn.answer else []))
     elif remember:
         engine.append([(None, turn.prompt + turn.answer)])
+    else:
+        release_free_memory()  # the turn's working buffers (appending settles, which does it)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:

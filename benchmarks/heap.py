@@ -1,0 +1,118 @@
+"""What a process holds against what the memory accounts for, all in RAM (issue 24, target 4's
+second half), with and without handing freed heap pages back (``blocks.release_free_memory``).
+
+Memory is anonymous RSS (``RssAnon``): the embedded model loads from its kept safetensors copy,
+memory-mapped, so its weight pages join RSS (as file pages) only when a forward first reads them.
+
+    python benchmarks/heap.py build --tokens 65536 --dir /tmp/m64k      # the passkey history, saved
+    python benchmarks/heap.py compare --dir /tmp/m64k --turns 3 --out benchmarks/results/heap/64k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def anon_mib() -> float:
+    line = next(ln for ln in open("/proc/self/status") if ln.startswith("RssAnon"))
+    return int(line.split()[1]) / 1024
+
+
+def build(tokens: int, directory: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from memory_plugin import ContextMemory, load_model
+    from memory_plugin.tasks import passkey_history
+
+    model, tok = load_model()
+    mem = ContextMemory(model, tokenizer=tok)
+    mem.add_text(passkey_history(tok, tokens, 0.5, "62950"))
+    mem.save(directory)
+    print(json.dumps({"tokens": len(mem), "dir": str(directory)}))
+
+
+def measure(directory: Path, turns: int, release: bool) -> dict:
+    """One process: load all in RAM, answer, ``turns`` more turns; anonymous RSS beyond the model
+    and the memory's accounted bytes after each step."""
+    import torch
+
+    torch.set_num_threads(1)
+    from memory_plugin import ContextMemory, blocks, engine, load_model, persistence, turns as turns_mod
+    from memory_plugin.tasks import QUESTION
+
+    trims = []
+
+    def timed(min_interval_s=blocks.TRIM_INTERVAL_S):
+        t = time.perf_counter()
+        ran = real(min_interval_s)
+        if ran:
+            trims.append(time.perf_counter() - t)
+        return ran
+
+    real = blocks.release_free_memory
+    for mod in (engine, turns_mod, persistence):
+        mod.release_free_memory = timed if release else (lambda *a: False)
+    model, tok = load_model()
+    base = anon_mib()
+    mem = ContextMemory.load(directory, model, tokenizer=tok)
+
+    def point(name: str) -> dict:
+        st = mem.stats()
+        accounted = (st.bytes["host"] + st.bytes["device"]) / 2**20
+        held = anon_mib() - base
+        return {"at": name, "held_mib": held, "accounted_mib": accounted, "ratio": held / accounted}
+
+    rows = [point("loaded")]
+    answer = mem.generate(QUESTION, max_new_tokens=8, chat=False)
+    rows.append(point("answered"))
+    cpu = []
+    for i in range(turns):
+        c = time.process_time()
+        mem.generate("Tell me one thing about the grass.", max_new_tokens=32)
+        cpu.append(time.process_time() - c)
+        rows.append(point(f"turn {i + 1}"))
+    return {"release": release, "tokens": len(mem), "answer": answer, "points": rows, "turn_cpu_s": cpu,
+            "turn_cpu_median_s": statistics.median(cpu) if cpu else None, "trim_ms": [t * 1e3 for t in trims]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--tokens", type=int, default=65536)
+    b.add_argument("--dir", type=Path, required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--dir", type=Path, required=True)
+    m.add_argument("--turns", type=int, default=3)
+    m.add_argument("--no-release", action="store_true")
+    c = sub.add_parser("compare", help="measure in fresh processes, release off then on")
+    c.add_argument("--dir", type=Path, required=True)
+    c.add_argument("--turns", type=int, default=3)
+    c.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    if a.cmd == "build":
+        build(a.tokens, a.dir)
+    elif a.cmd == "measure":
+        print(json.dumps(measure(a.dir, a.turns, not a.no_release)))
+    else:
+        runs = []
+        for flag in (["--no-release"], []):
+            cmd = [sys.executable, __file__, "measure", "--dir", str(a.dir), "--turns", str(a.turns), *flag]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            r = runs[-1]
+            print(json.dumps({"release": r["release"], "turn_cpu_median_s": r["turn_cpu_median_s"],
+                              "points": [(x["at"], round(x["held_mib"]), round(x["ratio"], 3)) for x in r["points"]]}), flush=True)  # fmt: skip
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()
