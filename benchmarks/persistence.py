@@ -36,7 +36,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from passkey import _rss_mb, _turn_latency, _turn_message  # noqa: E402
+from passkey import _model_rss_mb, _rss_mb, _turn_latency, _turn_message  # noqa: E402
 
 PLACES = ("ram", "open", "budget")  # all in RAM; ContextMemory.open(dir) without a budget; with one
 KV = {"": None, "_float32": "none", "_bf16": "bf16", "_int8": "int8"}  # "": the config's default
@@ -192,7 +192,7 @@ def run_mode(mode: str, tokens: int, budget_mb: int, depth: float, workdir: Path
     model, tok = load_model()
     if tune_allocator:  # what a RAM budget does to the allocator, here without a budget
         return_freed_memory_to_os()
-    rss_model = _rss_mb()
+    rss_model = _model_rss_mb(model)
     cfg = MemoryConfig()
     place, kv = _place_kv(mode)
     if place == "budget":
@@ -361,7 +361,7 @@ def grown_eval(a) -> None:
     from memory_plugin.tasks import QUESTION
 
     model, tok = load_model()
-    rss_model = _rss_mb()
+    rss_model = _model_rss_mb(model)
     msg = _turn_message(tok)
     alone = a.name == "ram-alone"
     peak = PeakRSS()
