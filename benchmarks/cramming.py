@@ -41,14 +41,17 @@ def segments(tokenizer, kind: str, length: int, n: int, seed: int = 0) -> list[l
     return [ids[s : s + length] for s in starts]
 
 
-def capacity(model, tok, vectors: list[int], kinds: list[str], n: int, max_steps: int, grid, out: Path, lr=None) -> list[dict]:
+def capacity(model, tok, vectors: list[int], kinds: list[str], n: int, max_steps: int, grid, out: Path, lr=None,
+             whole_grid: bool = False, bf16: bool | None = None) -> list[dict]:  # fmt: skip
     """Walk up the length grid per (kind, n_vectors) until fewer than 95% of segments decode exactly
-    (our recipe, all ``n`` segments of a length in one batch)."""
+    (``whole_grid``: every length regardless; our recipe, all ``n`` segments of a length in one batch).
+    Each row also gives every segment's longest exact greedy prefix: the tokens one vector did hold
+    where the whole segment did not fit."""
     from dataclasses import replace
 
-    from memory_plugin.vectors import FAST_RECIPE, cram_many
+    from memory_plugin.vectors import FAST_RECIPE, cram_many, fast_bf16
 
-    recipe = replace(FAST_RECIPE, batch_size=n, **({} if lr is None else {"lr": lr}))
+    recipe = replace(FAST_RECIPE, batch_size=n, bf16=bf16, **({} if lr is None else {"lr": lr}))
 
     rows = []
     for kind in kinds:
@@ -69,11 +72,13 @@ def capacity(model, tok, vectors: list[int], kinds: list[str], n: int, max_steps
                     "steps_exact": sorted(r.steps for r in res if r.exact),
                     "max_steps": max_steps,
                     "lr": recipe.lr,
+                    "bf16": fast_bf16(model.device) if recipe.bf16 is None else recipe.bf16,
+                    "exact_prefix": [exact_prefix(model, r, sg) for r, sg in zip(res, segs)],
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 out.write_text(json.dumps(rows, indent=1))
-                if row["exact"] < 0.95:
+                if row["exact"] < 0.95 and not whole_grid:
                     break
     return rows
 
@@ -128,7 +133,7 @@ def exact_prefix(model, vecs, ids: list[int]) -> int:
 
 def compare(
     model, tok, length: int, n: int, max_steps: int, budget_s: float, paper_budget_s: float, lrs,
-    paper_anchor_budget_s: float = 0, cpu_time: bool = False,
+    paper_anchor_budget_s: float = 0, cpu_time: bool = False, also_float32: bool = False,
 ) -> dict:  # fmt: skip
     """Seconds per exact segment on the same ``n`` segments: ours (batched, greedy-decoding stop, lr
     schedule, anchor token), then the paper's recipe (float32, one at a time, lr 1e-2, teacher-forced
@@ -138,12 +143,14 @@ def compare(
     reach are reported as not run."""
     from dataclasses import replace
 
-    from memory_plugin.vectors import FAST_RECIPE, PAPER_RECIPE, cram_many
+    from memory_plugin.vectors import FAST_RECIPE, PAPER_RECIPE, cram_many, fast_bf16
 
     clock = time.process_time if cpu_time else time.perf_counter
     segs = segments(tok, "natural", length, n, seed=1)
     out = {"length": length, "segments": n, "max_steps": max_steps, "clock": clock.__name__, "runs": []}
     plans = [(f"ours lr {lr}", replace(FAST_RECIPE, lr=lr, batch_size=n), budget_s / len(lrs)) for lr in lrs]
+    if also_float32:  # what bf16 autocast is worth, where it is on (fast_bf16)
+        plans += [(f"ours lr {lr} float32", replace(FAST_RECIPE, lr=lr, batch_size=n, bf16=False), budget_s / len(lrs)) for lr in lrs]
     plans.append(("paper", PAPER_RECIPE, paper_budget_s))
     if paper_anchor_budget_s:
         plans.append(("paper + anchor", replace(PAPER_RECIPE, anchor=True), paper_anchor_budget_s))
@@ -160,6 +167,7 @@ def compare(
             "recipe": name,
             "lr": recipe.lr,
             "batch_size": recipe.batch_size,
+            "bf16": fast_bf16(model.device) if recipe.bf16 is None else recipe.bf16,
             "stop": recipe.stop,
             "budget_s": budget,
             "seconds": secs,
@@ -177,19 +185,22 @@ def compare(
     return out
 
 
-def step_cost(model, shapes=((1, 16), (8, 16), (1, 32), (8, 32), (8, 64))) -> list[dict]:
+def step_cost(model, shapes=((1, 16), (8, 16), (1, 32), (8, 32), (8, 64), (8, 128))) -> list[dict]:
     """Seconds per optimisation step (forward and backward to the vectors), float32 and bf16 autocast."""
     import torch
     import torch.nn.functional as F
 
+    from memory_plugin.vectors import fast_bf16
+
+    fast = fast_bf16(torch.device("cpu"))
     embed = model.get_input_embeddings()
     rows = []
     for b, n in shapes:
         ids = torch.randint(0, embed.weight.shape[0], (b, n), generator=torch.Generator().manual_seed(0))
         tok_emb = embed(ids).detach()
-        row = {"batch": b, "tokens": n}
+        row = {"batch": b, "tokens": n, "fast_bf16": fast}
         for name, bf16 in (("float32", False), ("bf16", True)):
-            if bf16 and b * n > 256:
+            if bf16 and not fast and b * n > 256:
                 continue  # several seconds a step on an AVX2 CPU; the small shapes say enough
             v = torch.randn(b, 1, embed.weight.shape[1], requires_grad=True)
             times = []
@@ -237,6 +248,8 @@ def main() -> None:
     cap.add_argument("--max-steps", type=int, default=2000)
     cap.add_argument("--grid", type=int, nargs="+", default=list(GRID))
     cap.add_argument("--lr", type=float, default=None, help="default: our recipe's")
+    cap.add_argument("--whole-grid", action="store_true", help="every length, not only up to the first below 95%%")
+    cap.add_argument("--float32", action="store_true", help="no bf16 autocast, even where bf16 is fast")
     cap.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/capacity.json"))
     co = sub.add_parser("cost")
     co.add_argument("--length", type=int, default=32)
@@ -252,6 +265,7 @@ def main() -> None:
     cm.add_argument("--paper-budget-s", type=float, default=300)
     cm.add_argument("--paper-anchor-budget-s", type=float, default=0, help="also the paper's recipe with our anchor token")
     cm.add_argument("--cpu-time", action="store_true", help="budgets and seconds in CPU time of this process")
+    cm.add_argument("--also-float32", action="store_true", help="also ours without bf16 autocast")
     cm.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/compare.json"))
     st = sub.add_parser("steps")
     st.add_argument("--out", type=Path, default=Path("benchmarks/results/cramming/steps.json"))
@@ -266,14 +280,14 @@ def main() -> None:
     torch_seed(0)
     if a.cmd == "capacity":
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        capacity(model, tok, a.vectors, a.kinds, a.segments, a.max_steps, a.grid, a.out, a.lr)
+        capacity(model, tok, a.vectors, a.kinds, a.segments, a.max_steps, a.grid, a.out, a.lr, a.whole_grid, False if a.float32 else None)
     elif a.cmd == "cost":
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(cost(model, tok, a.length, a.segments, a.max_steps), indent=1))
     elif a.cmd == "compare":
         a.out.parent.mkdir(parents=True, exist_ok=True)
         res = compare(model, tok, a.length, a.segments, a.max_steps, a.budget_s, a.paper_budget_s, a.lrs,
-                      a.paper_anchor_budget_s, a.cpu_time)  # fmt: skip
+                      a.paper_anchor_budget_s, a.cpu_time, a.also_float32)  # fmt: skip
         a.out.write_text(json.dumps(res, indent=1))
     elif a.cmd == "steps":
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,10 @@ Two recipes:
 * :data:`PAPER_RECIPE`: AdamW lr 1e-2, betas (0.9, 0.9), weight decay 0.01, float32, one segment
   at a time, stopping when teacher-forced accuracy reaches 1.0 (Kuratov et al.);
 * :data:`FAST_RECIPE` (default): bf16 autocast through the frozen model where bf16 is fast (the
-  vectors and the optimiser state stay float32), many segments per batch, each with its own vectors, its own loss
-  and gradient clipping (no segment slows another) and its own stopping; a segment that decodes
-  exactly is frozen and leaves the batch, the batch ends when all have or at ``max_steps``.
+  vectors and the optimiser state stay float32; the last steps run in float32), many segments per
+  batch, each with its own vectors, its own loss and gradient clipping (no segment slows another)
+  and its own stopping; a segment that decodes exactly is frozen and leaves the batch, the batch
+  ends when all have or at ``max_steps``.
   Learning rate and schedule: the measured best (docs/BENCHMARKS.md, memory vectors).
 
 Example:
@@ -58,9 +59,11 @@ class Recipe:
     ``progressive``: 0 trains on the whole segment from the first step; ``p > 0`` trains on its first
     ``p`` tokens and adds ``p`` more each time those are right under teacher forcing (progressive
     lengthening). ``anchor``: put the model's start token (:func:`anchor_token`) before the vectors
-    (the papers put the vectors first). ``bf16``: autocast the frozen model's forward and backward to bfloat16; None (the
-    default) does where bf16 matrix products are fast: CUDA, or a CPU with AMX or AVX512-BF16 (on an
-    AVX2-only CPU a bf16 linear layer is ~4.5x *slower* than float32, docs/BENCHMARKS.md section 7).
+    (the papers put the vectors first). ``bf16``: autocast the frozen model's forward and backward
+    to bfloat16 while segments learn, then finish in float32 (the precision the vectors are decoded
+    in) once every live segment is right under bf16 teacher forcing; None (the default) does where
+    bf16 matrix products are fast: CUDA, or a CPU with AMX or AVX512-BF16 (on an AVX2-only CPU a bf16 linear layer is
+    ~4.5x *slower* than float32, docs/BENCHMARKS.md section 7).
 
     >>> Recipe(lr=0.1, warmup_steps=10, cosine=True).lr_at(0, 100)
     0.01
@@ -306,6 +309,11 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
     steps = [0] * b  # of a finished segment; an unfinished one ran them all (or until should_stop)
     seconds = [0.0] * b
     bf16 = fast_bf16(dev) if recipe.bf16 is None else recipe.bf16
+    # bf16 learns, float32 finishes. A segment whose tokens all come out right under bf16 teacher
+    # forcing can still decode wrongly in float32, where its vectors are used (one of 8 16-token
+    # segments was right in bf16 steps before it decoded: docs/BENCHMARKS.md section 7). Such a
+    # segment is "settled"; once every live segment is, steps run in float32 until they decode.
+    settled = torch.zeros(b, dtype=torch.bool, device=dev)
     anchor = anchor_token(model) if recipe.anchor else None
     a = int(anchor is not None)  # the vectors are at positions a .. a+k-1, token i is predicted at a+k-1+i
     t0 = time.perf_counter()
@@ -327,7 +335,8 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
         n = int(lengths[live].max())
         inputs = torch.cat([_prefix(model, vectors[live], anchor), tok_emb[live, : n - 1]], dim=1)
         mask = torch.arange(a + k + n - 1, device=dev)[None, :] < (a + k - 1 + lengths[live])[:, None]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        low = bf16 and not bool(settled[live].all())
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=low):
             logits = model(inputs_embeds=inputs, attention_mask=mask.long()).logits[:, a + k - 1 :]
         tgt = targets[live, :n].masked_fill(positions[None, :n] >= trained[live, None], -100)
         # Each segment's own mean loss, summed: a segment's gradient does not depend on the others.
@@ -336,6 +345,8 @@ def _cram_batch(model, segs: list[list[int]], k: int, max_steps: int, recipe: Re
         with torch.no_grad():
             right = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(dim=1)  # under teacher forcing
             whole = trained[live] == lengths[live]
+            if low:
+                settled[live[right & whole]] = True
             if recipe.progressive:  # a learnt prefix grows
                 grow = live[right & ~whole]
                 trained[grow] = (trained[grow] + recipe.progressive).clamp(max=lengths[grow])

@@ -177,6 +177,38 @@ def test_the_bf16_path_runs_the_model_in_bf16_and_its_vectors_decode_exactly_in_
     assert [greedy_decode(model, v.tensor, v.n_tokens, anchor=v.anchor) for v in out] == [[17, 42], [8]]  # float32
 
 
+def test_bf16_learns_and_float32_finishes_a_segment_that_is_right_only_in_bf16(model, monkeypatch):
+    # The real model's case, forced here: the segment's tokens come out right under bf16 teacher
+    # forcing, but the first three float32 greedy checks say it does not decode yet.
+    real, checks, checking, trained = mv._decodes_exactly, [], [False], []
+
+    def check(*a, **kw):
+        checking[0] = True
+        try:
+            ok = real(*a, **kw)
+        finally:
+            checking[0] = False
+        checks.append(len(trained))  # training forwards before this check
+        return ok & (len(checks) > 3)
+
+    monkeypatch.setattr(mv, "_decodes_exactly", check)
+    anchor = anchor_token(model)  # its own forward, not a training step
+    monkeypatch.setattr(mv, "anchor_token", lambda m: anchor)
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, i, o: None if checking[0] else trained.append(o.dtype)
+    )
+    try:
+        v = cram(model, [17, 42], n_vectors=2, max_steps=300, recipe=Recipe(bf16=True, batch_size=1, check_every=1000))
+    finally:
+        hook.remove()
+    assert v.exact and decode(model, v) == [17, 42]
+    assert len(checks) == 4  # the first bf16 "right", then each float32 step that is right, until one decodes
+    first = checks[0]
+    assert set(trained[:first]) == {torch.bfloat16}  # learning in bf16
+    assert trained[first:] and set(trained[first:]) == {torch.float32}  # settled: finished in float32
+    assert v.steps == len(trained) - 2  # the last two forwards: cram's verifying decode of the 2 tokens
+
+
 def test_the_paper_recipe_runs_in_float32_and_stops_on_teacher_forced_accuracy(model):
     dtypes = set()
     hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
