@@ -6,6 +6,8 @@ memory-mapped, so its weight pages join RSS (as file pages) only when a forward 
 
     python benchmarks/heap.py build --tokens 65536 --dir /tmp/m64k      # the passkey history, saved
     python benchmarks/heap.py compare --dir /tmp/m64k --turns 3 --out benchmarks/results/heap/64k.json
+    python benchmarks/heap.py compare --dir /tmp/m64k --turns 3 --budget-mb 1024 --mmap-thresholds 65536 1048576 0 \
+        --out benchmarks/results/heap/64k-budget.json
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # passkey.py, persistence.py: the turn they time
 
 def anon_mib() -> float:
     line = next(ln for ln in open("/proc/self/status") if ln.startswith("RssAnon"))
@@ -38,14 +42,37 @@ def build(tokens: int, directory: Path) -> None:
     print(json.dumps({"tokens": len(mem), "dir": str(directory)}))
 
 
-def measure(directory: Path, turns: int, release: bool) -> dict:
-    """One process: load all in RAM, answer, ``turns`` more turns; anonymous RSS beyond the model
-    and the memory's accounted bytes after each step."""
+class PeakAnon:
+    """Highest anonymous RSS seen by a sampling thread (every 20 ms)."""
+
+    def __init__(self, every: float = 0.02):
+        self.peak, self._stop = anon_mib(), threading.Event()
+        threading.Thread(target=self._run, args=(every,), daemon=True).start()
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.peak = max(self.peak, anon_mib())
+
+
+def measure(directory: Path, turns: int, release: bool, budget_mb: int | None = None, mallopt: int | None = None) -> dict:
+    """One process: load (all in RAM, or with a RAM budget of ``budget_mb``), answer, ``turns``
+    turns as ``persistence.py`` times them (a ~200-token message, 32 tokens decoded, rolled back);
+    anonymous RSS beyond the model and the memory's accounted bytes after each, and the peak.
+    ``mallopt``: under a budget, the mmap threshold the memory sets (None: the library's
+    ``blocks.ALLOC_MMAP_THRESHOLD``; 0: none set, glibc's dynamic threshold)."""
     import torch
 
     torch.set_num_threads(1)
-    from memory_plugin import ContextMemory, blocks, engine, load_model, persistence, turns as turns_mod
+    from passkey import _turn_message
+    from persistence import _cpu_turn
+
+    from memory_plugin import ContextMemory, blocks, engine, load_model, memory, persistence, turns as turns_mod
     from memory_plugin.tasks import QUESTION
+
+    if mallopt is not None:
+        blocks.ALLOC_MMAP_THRESHOLD = mallopt  # read when the memory sets it
+        if mallopt == 0:
+            memory.return_freed_memory_to_os = lambda: False
 
     trims = []
 
@@ -61,7 +88,8 @@ def measure(directory: Path, turns: int, release: bool) -> dict:
         mod.release_free_memory = timed if release else (lambda *a: False)
     model, tok = load_model()
     base = anon_mib()
-    mem = ContextMemory.load(directory, model, tokenizer=tok)
+    peak = PeakAnon()
+    mem = ContextMemory.load(directory, model, tokenizer=tok, max_resident_bytes=budget_mb and budget_mb * 2**20)
 
     def point(name: str) -> dict:
         st = mem.stats()
@@ -72,13 +100,12 @@ def measure(directory: Path, turns: int, release: bool) -> dict:
     rows = [point("loaded")]
     answer = mem.generate(QUESTION, max_new_tokens=8, chat=False)
     rows.append(point("answered"))
-    cpu = []
+    msg, cpu = _turn_message(tok), []
     for i in range(turns):
-        c = time.process_time()
-        mem.generate("Tell me one thing about the grass.", max_new_tokens=32)
-        cpu.append(time.process_time() - c)
+        cpu.append(_cpu_turn(mem, msg)[0])
         rows.append(point(f"turn {i + 1}"))
-    return {"release": release, "tokens": len(mem), "answer": answer, "points": rows, "turn_cpu_s": cpu,
+    return {"release": release, "budget_mb": budget_mb, "mallopt": mallopt, "tokens": len(mem), "answer": answer,
+            "points": rows, "peak_beyond_model_mib": peak.peak - base, "turn_cpu_s": cpu,
             "turn_cpu_median_s": statistics.median(cpu) if cpu else None, "trim_ms": [t * 1e3 for t in trims]}  # fmt: skip
 
 
@@ -92,23 +119,32 @@ def main() -> None:
     m.add_argument("--dir", type=Path, required=True)
     m.add_argument("--turns", type=int, default=3)
     m.add_argument("--no-release", action="store_true")
-    c = sub.add_parser("compare", help="measure in fresh processes, release off then on")
+    m.add_argument("--budget-mb", type=int)
+    m.add_argument("--mmap-threshold", type=int, help="under a budget (default: the library's; 0: none set)")
+    c = sub.add_parser("compare", help="measure in fresh processes: all in RAM, release off then on; "
+                       "with --budget-mb, each --mmap-thresholds (release on)")  # fmt: skip
     c.add_argument("--dir", type=Path, required=True)
     c.add_argument("--turns", type=int, default=3)
+    c.add_argument("--budget-mb", type=int)
+    c.add_argument("--mmap-thresholds", type=int, nargs="+", default=[65536, 0])
     c.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     if a.cmd == "build":
         build(a.tokens, a.dir)
     elif a.cmd == "measure":
-        print(json.dumps(measure(a.dir, a.turns, not a.no_release)))
+        print(json.dumps(measure(a.dir, a.turns, not a.no_release, a.budget_mb, a.mmap_threshold)))
     else:
         runs = []
-        for flag in (["--no-release"], []):
+        arms = [["--no-release"], []]
+        if a.budget_mb is not None:
+            arms = [["--budget-mb", str(a.budget_mb), "--mmap-threshold", str(t)] for t in a.mmap_thresholds]
+        for flag in arms:
             cmd = [sys.executable, __file__, "measure", "--dir", str(a.dir), "--turns", str(a.turns), *flag]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             r = runs[-1]
-            print(json.dumps({"release": r["release"], "turn_cpu_median_s": r["turn_cpu_median_s"],
+            print(json.dumps({"release": r["release"], "mallopt": r["mallopt"], "peak": round(r["peak_beyond_model_mib"]),
+                              "turn_cpu_median_s": r["turn_cpu_median_s"],
                               "points": [(x["at"], round(x["held_mib"]), round(x["ratio"], 3)) for x in r["points"]]}), flush=True)  # fmt: skip
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(runs, indent=1))

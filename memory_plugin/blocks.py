@@ -37,16 +37,21 @@ CODECS = tuple(KV_CODECS)
 
 # ----------------------------------------------------------------------------------------- allocator
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-ALLOC_MMAP_THRESHOLD = 64 * 1024
+# 64k tokens opened with a 1 GiB budget, 3 turns (benchmarks/heap.py): peak 544 MiB beyond the model
+# and 7.21 CPU s a turn at 1 MiB, 547 MiB and 10.54 s at 64 KB (every working buffer of a step its
+# own mapping, page-faulted anew), 1,289 MiB (over the budget) and 5.76 s with glibc's own.
+ALLOC_MMAP_THRESHOLD = 1024 * 1024
 
 
 def return_freed_memory_to_os() -> bool:
     """Make the C allocator give freed block buffers back to the OS (glibc only; returns whether set).
 
-    glibc raises its mmap threshold each time a large buffer is freed, so later block-sized
-    buffers come from heap arenas that keep their pages after ``free``: with a RAM budget the
-    process then grew by ~420 MB beyond the blocks it held at 8k tokens (BENCHMARKS.md, durable
-    memory). A fixed threshold keeps every buffer above it in its own mapping, unmapped on free.
+    glibc raises its mmap threshold each time a large buffer is freed, so later large buffers
+    come from heap arenas that keep their pages after ``free``: with a RAM budget the process then
+    grew by ~420 MB beyond the blocks it held at 8k tokens (BENCHMARKS.md, durable memory), and at
+    64k tokens with a 1 GiB budget peaked at 1,289 MiB beyond the model. A fixed threshold
+    (``ALLOC_MMAP_THRESHOLD``) keeps every buffer above it in its own mapping, unmapped on free;
+    smaller ones are reused from the heap, whose free pages :func:`release_free_memory` returns.
     Process-wide, so it is never a side effect of building a store: :class:`ContextMemory` calls
     it when its config sets a budget; call it yourself for a bare :class:`BlockStore` with one.
     """
@@ -59,7 +64,7 @@ def return_freed_memory_to_os() -> bool:
 
 
 # Fragments of freed buffers are handed back at most this often, process-wide: malloc_trim walks the
-# heap (8-17 ms with a 16k-token memory's 700 MiB heap, against a 2.9 CPU s turn there).
+# heap (7-24 ms with a 64k-token memory all in RAM, against a 5.7 CPU s turn there).
 TRIM_INTERVAL_S = 1.0
 _last_trim = 0.0
 
@@ -68,10 +73,10 @@ def release_free_memory(min_interval_s: float = TRIM_INTERVAL_S) -> bool:
     """Give the pages of freed heap buffers back to the OS (glibc ``malloc_trim``; returns whether
     it ran), at most once per ``min_interval_s`` in the process.
 
-    Without it a process keeps what a load or a turn freed: a 16k-token memory loaded all in RAM
-    held 532 MiB of anonymous memory for the 380 MiB it accounts for (1.40x), 606 MiB after four
-    turns (1.32x); released, 419 and 513 MiB (1.10x, 1.12x; ``benchmarks/heap.py``,
-    docs/BENCHMARKS.md section 6). Unlike :func:`return_freed_memory_to_os` it changes no setting:
+    Without it a process keeps what a load or a turn freed: a 64k-token memory loaded all in RAM
+    held 1,118 MiB of anonymous memory for the 931 MiB it accounts for (1.20x), 1,285 MiB for
+    1,021 after four turns (1.26x); released, 1,002 and 1,142 MiB (1.08x, 1.12x), with turns no
+    slower (``benchmarks/heap.py``, docs/BENCHMARKS.md section 6). Unlike :func:`return_freed_memory_to_os` it changes no setting:
     buffers are reused from the heap within a turn, and only what is free at its end is returned.
     The memory calls it after each write and turn, and once a load or open is done.
     """

@@ -86,8 +86,8 @@ class MemoryConfig:
     are read back on demand. None keeps everything in RAM. Under a budget the representative keys
     stay in RAM as the codec stores them (int8: ~145 MB at 1M tokens of the embedded model, not 565
     MB of float32), decoded a chunk at a time when scanned. Setting a budget also makes glibc's
-    allocator give freed block buffers back to the OS (a process-wide ``mallopt``), without which
-    the process kept ~420 MB more than the memory held at 8k tokens."""
+    allocator give freed buffers of 1 MiB or more back to the OS (a process-wide ``mallopt``),
+    without which the process kept ~420 MB more than the memory held at 8k tokens."""
 
     recall_k: int = 3
     """Most passages :meth:`~memory_plugin.ContextMemory.retrieve` finds for a new input that are
