@@ -150,7 +150,9 @@ def compare(
     out = {"length": length, "segments": n, "max_steps": max_steps, "clock": clock.__name__, "runs": []}
     plans = [(f"ours lr {lr}", replace(FAST_RECIPE, lr=lr, batch_size=n), budget_s / len(lrs)) for lr in lrs]
     if also_float32:  # what bf16 autocast is worth, where it is on (fast_bf16)
-        plans += [(f"ours lr {lr} float32", replace(FAST_RECIPE, lr=lr, batch_size=n, bf16=False), budget_s / len(lrs)) for lr in lrs]
+        plans += [
+            (f"ours lr {lr} float32", replace(FAST_RECIPE, lr=lr, batch_size=n, bf16=False), budget_s / len(lrs)) for lr in lrs
+        ]
     plans.append(("paper", PAPER_RECIPE, paper_budget_s))
     if paper_anchor_budget_s:
         plans.append(("paper + anchor", replace(PAPER_RECIPE, anchor=True), paper_anchor_budget_s))
@@ -280,7 +282,8 @@ def main() -> None:
     torch_seed(0)
     if a.cmd == "capacity":
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        capacity(model, tok, a.vectors, a.kinds, a.segments, a.max_steps, a.grid, a.out, a.lr, a.whole_grid, False if a.float32 else None)
+        bf16 = False if a.float32 else None
+        capacity(model, tok, a.vectors, a.kinds, a.segments, a.max_steps, a.grid, a.out, a.lr, a.whole_grid, bf16)
     elif a.cmd == "cost":
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(cost(model, tok, a.length, a.segments, a.max_steps), indent=1))

@@ -54,7 +54,9 @@ class PeakAnon:
             self.peak = max(self.peak, anon_mib())
 
 
-def measure(directory: Path, turns: int, release: bool, budget_mb: int | None = None, mallopt: int | None = None) -> dict:
+def measure(
+    directory: Path, turns: int, release: bool, budget_mb: int | None = None, mallopt: int | None = None
+) -> dict:
     """One process: load (all in RAM, or with a RAM budget of ``budget_mb``), answer, ``turns``
     turns as ``persistence.py`` times them (a ~200-token message, 32 tokens decoded, rolled back);
     anonymous RSS beyond the model and the memory's accounted bytes after each, and the peak.
@@ -104,9 +106,11 @@ def measure(directory: Path, turns: int, release: bool, budget_mb: int | None = 
     for i in range(turns):
         cpu.append(_cpu_turn(mem, msg)[0])
         rows.append(point(f"turn {i + 1}"))
-    return {"release": release, "budget_mb": budget_mb, "mallopt": mallopt, "tokens": len(mem), "answer": answer,
-            "points": rows, "peak_beyond_model_mib": peak.peak - base, "turn_cpu_s": cpu,
-            "turn_cpu_median_s": statistics.median(cpu) if cpu else None, "trim_ms": [t * 1e3 for t in trims]}  # fmt: skip
+    return {
+        "release": release, "budget_mb": budget_mb, "mallopt": mallopt, "tokens": len(mem), "answer": answer,
+        "points": rows, "peak_beyond_model_mib": peak.peak - base, "turn_cpu_s": cpu,
+        "turn_cpu_median_s": statistics.median(cpu) if cpu else None, "trim_ms": [t * 1e3 for t in trims],
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -143,9 +147,9 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             r = runs[-1]
-            print(json.dumps({"release": r["release"], "mallopt": r["mallopt"], "peak": round(r["peak_beyond_model_mib"]),
-                              "turn_cpu_median_s": r["turn_cpu_median_s"],
-                              "points": [(x["at"], round(x["held_mib"]), round(x["ratio"], 3)) for x in r["points"]]}), flush=True)  # fmt: skip
+            points = [(x["at"], round(x["held_mib"]), round(x["ratio"], 3)) for x in r["points"]]
+            summary = {"release": r["release"], "mallopt": r["mallopt"], "peak": round(r["peak_beyond_model_mib"])}
+            print(json.dumps({**summary, "turn_cpu_median_s": r["turn_cpu_median_s"], "points": points}), flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(runs, indent=1))
 

@@ -76,8 +76,9 @@ def release_free_memory(min_interval_s: float = TRIM_INTERVAL_S) -> bool:
     Without it a process keeps what a load or a turn freed: a 64k-token memory loaded all in RAM
     held 1,118 MiB of anonymous memory for the 931 MiB it accounts for (1.20x), 1,285 MiB for
     1,021 after four turns (1.26x); released, 1,002 and 1,142 MiB (1.08x, 1.12x), with turns no
-    slower (``benchmarks/heap.py``, docs/BENCHMARKS.md section 6). Unlike :func:`return_freed_memory_to_os` it changes no setting:
-    buffers are reused from the heap within a turn, and only what is free at its end is returned.
+    slower (``benchmarks/heap.py``, docs/BENCHMARKS.md section 6). Unlike
+    :func:`return_freed_memory_to_os` it changes no setting: buffers are reused from the heap
+    within a turn, and only what is free at its end is returned.
     The memory calls it after each write and turn, and once a load or open is done.
     """
     global _last_trim

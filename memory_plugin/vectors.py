@@ -62,8 +62,8 @@ class Recipe:
     (the papers put the vectors first). ``bf16``: autocast the frozen model's forward and backward
     to bfloat16 while segments learn, then finish in float32 (the precision the vectors are decoded
     in) once every live segment is right under bf16 teacher forcing; None (the default) does where
-    bf16 matrix products are fast: CUDA, or a CPU with AMX or AVX512-BF16 (on an AVX2-only CPU a bf16 linear layer is
-    ~4.5x *slower* than float32, docs/BENCHMARKS.md section 7).
+    bf16 matrix products are fast: CUDA, or a CPU with AMX or AVX512-BF16 (on an AVX2-only CPU a
+    bf16 linear layer is ~4.5x *slower* than float32, docs/BENCHMARKS.md section 7).
 
     >>> Recipe(lr=0.1, warmup_steps=10, cosine=True).lr_at(0, 100)
     0.01

@@ -287,12 +287,15 @@ def test_release_free_memory_returns_the_holes_freed_buffers_leave_in_the_heap()
     assert int(released) > 100 * 2**20  # of the 125 MiB freed in 64 KB holes
 
 
-def test_the_memory_releases_freed_memory_after_writes_turns_and_loads(tiny_memory, tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+def test_the_memory_releases_freed_memory_after_writes_turns_and_loads(
+    tiny_memory, tiny_model, tiny_tokenizer, tmp_path, monkeypatch
+):
     from memory_plugin import ContextMemory, engine, persistence, turns
 
     calls = []
     for mod in (engine, turns, persistence):
-        monkeypatch.setattr(mod, "release_free_memory", lambda *a, mod=mod.__name__.rsplit(".")[-1]: calls.append((mod, a)))
+        name = mod.__name__.rsplit(".")[-1]
+        monkeypatch.setattr(mod, "release_free_memory", lambda *a, name=name: calls.append((name, a)))
     tiny_memory.add_text("hello world " * 40)
     assert calls == [("engine", ())]
     tiny_memory.generate("hi", max_new_tokens=2)  # not remembered: the turn itself releases
