@@ -330,6 +330,7 @@ def grown_build(a) -> None:
     summary["ram_history"] = build(a.ram_tokens, a.ram_depth, passkey(99), ram_dir)
     print(json.dumps({"ram_history": summary["ram_history"]}), flush=True)
     common = ["--workdir", str(work), "--out", str(a.out), "--budget-mb", str(a.budget_mb), "--rounds", str(a.rounds)]
+    common += [] if a.mmap_threshold is None else ["--mmap-threshold", str(a.mmap_threshold)]
     ev = [sys.executable, __file__, "--grown-eval", str(ram_dir), "--key", passkey(99), "--ram-copy", "none", *common]
     subprocess.run(ev + ["--name", "ram-alone"], check=True)  # the all-in-RAM turn with glibc's defaults, alone
     summary["needles"] = []
@@ -357,9 +358,11 @@ def grown_eval(a) -> None:
     torch.set_num_threads(1)
     from passkey import _turn_message
 
-    from memory_plugin import ContextMemory, MemoryConfig, load_model
+    from memory_plugin import ContextMemory, MemoryConfig, blocks, load_model
     from memory_plugin.tasks import QUESTION
 
+    if a.mmap_threshold is not None:
+        blocks.ALLOC_MMAP_THRESHOLD = a.mmap_threshold  # read when the budget memory sets it
     model, tok = load_model()
     rss_model = _model_rss_mb(model)
     msg = _turn_message(tok)
@@ -451,6 +454,7 @@ def main() -> None:
     p.add_argument("--ram-depth", type=float, default=0.5)
     p.add_argument("--rounds", type=int, default=3, help="with --grown: turns per memory (interleaved with the all-in-RAM one)")
     p.add_argument("--turn-evals", type=int, default=2, help="with --grown: how many needle histories also time turns")
+    p.add_argument("--mmap-threshold", type=int, help="with --grown: the allocator threshold a budget sets (default: the library's)")
     p.add_argument("--grown-eval", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--key", help=argparse.SUPPRESS)
     p.add_argument("--name", help=argparse.SUPPRESS)
