@@ -103,6 +103,9 @@ class AsComputed:
     def decode(self, enc: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return enc["kv"].to(dtype)
 
+    def decode_into(self, enc: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(enc["kv"])
+
     def encode_reprs(self, reprs: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"repr": reprs}
 
@@ -149,6 +152,12 @@ class Int8PerChannel:
     def decode(self, enc: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return (enc["kv"].float() * enc["scale"].float()).to(dtype)
 
+    def decode_into(self, enc: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """The same values as :meth:`decode`, written into ``out`` (a slice of a gathered selection)."""
+        if out.dtype == torch.float32:  # the same float32 product, with no block-sized temporary
+            return out.copy_(enc["kv"]).mul_(enc["scale"])
+        return out.copy_(self.decode(enc, out.dtype))
+
     def encode_reprs(self, reprs: torch.Tensor) -> dict[str, torch.Tensor]:
         """``reprs [n, H, D]`` -> int8 ``repr`` and float16 ``repr_scale [n, H, 1]``."""
         scale = _half_scale(reprs.abs().amax(dim=-1, keepdim=True))
@@ -190,6 +199,10 @@ class BlockCodec:
 
     def decode(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.policy.decode(enc, self.dtype)
+
+    def decode_into(self, enc: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` written into ``out`` (``[2, Hkv, block_size, D]``, this codec's dtype)."""
+        return self.policy.decode_into(enc, out)
 
     def encode_reprs(self, reprs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Representative keys ``[n, H, D]`` as stored (on disk, and rounded alike in RAM)."""

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from memory_plugin.attention import block_relevance
-from memory_plugin.blocks import BlockStore
+from memory_plugin.blocks import CODECS, BlockStore
 from memory_plugin.policies import RELEVANCE
 
 H, HKV, D, BS = 4, 2, 8, 4
@@ -309,3 +309,18 @@ def test_the_memory_releases_freed_memory_after_writes_turns_and_loads(
     calls.clear()
     with ContextMemory.open(tmp_path / "o", tiny_model, tokenizer=tiny_tokenizer, config=tiny_memory.config):
         assert calls[-1] == ("persistence", (0,))
+
+
+@pytest.mark.parametrize("kind", CODECS)
+@pytest.mark.parametrize("budget", [None, 1])
+def test_a_selection_is_decoded_straight_into_one_buffer_with_the_values_of_each_block(kind, budget, tmp_path):
+    store = _store(kv_quantization=kind, spill_dir=tmp_path, resident_budget=budget)
+    for b in range(6):
+        for layer in range(2):
+            store.append(layer, torch.randn(2, HKV, BS, D) * (b + 1), torch.randn(H, D))
+    if budget is not None:  # old blocks are on disk only, read back by the fetch
+        assert store.layers[0].kv[0] is None and store.layers[0].kv[2] is None
+    ids = [0, 2, 5]
+    k, v = store.fetch(0, ids)
+    each = torch.cat([store.block(0, b) for b in ids], dim=2)  # decoded one by one
+    assert torch.equal(k, each[0]) and torch.equal(v, each[1])
