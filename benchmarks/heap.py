@@ -17,7 +17,6 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,18 +41,6 @@ def build(tokens: int, directory: Path) -> None:
     print(json.dumps({"tokens": len(mem), "dir": str(directory)}))
 
 
-class PeakAnon:
-    """Highest anonymous RSS seen by a sampling thread (every 20 ms)."""
-
-    def __init__(self, every: float = 0.02):
-        self.peak, self._stop = anon_mib(), threading.Event()
-        threading.Thread(target=self._run, args=(every,), daemon=True).start()
-
-    def _run(self, every: float) -> None:
-        while not self._stop.wait(every):
-            self.peak = max(self.peak, anon_mib())
-
-
 def measure(
     directory: Path, turns: int, release: bool, budget_mb: int | None = None, mallopt: int | None = None
 ) -> dict:
@@ -66,7 +53,7 @@ def measure(
 
     torch.set_num_threads(1)
     from passkey import _turn_message
-    from persistence import _cpu_turn
+    from persistence import PeakRSS, _cpu_turn
 
     from memory_plugin import ContextMemory, blocks, engine, load_model, memory, persistence, turns as turns_mod
     from memory_plugin.tasks import QUESTION
@@ -90,7 +77,7 @@ def measure(
         mod.release_free_memory = timed if release else (lambda *a: False)
     model, tok = load_model()
     base = anon_mib()
-    peak = PeakAnon()
+    peak = PeakRSS(read=anon_mib)
     mem = ContextMemory.load(directory, model, tokenizer=tok, max_resident_bytes=budget_mb and budget_mb * 2**20)
 
     def point(name: str) -> dict:

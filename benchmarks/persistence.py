@@ -52,21 +52,22 @@ PROMPTS = ("\nThe first thing the history says is", "\nSummary of the history so
 
 class PeakRSS:
     """Highest resident set size seen by a sampling thread (ru_maxrss would include the model load's
-    transient peak, which is not the history's)."""
+    transient peak, which is not the history's); ``read``: another measure of it, in MiB."""
 
-    def __init__(self, every: float = 0.02):
-        self.peak, self._stop = _rss_mb(), threading.Event()
+    def __init__(self, every: float = 0.02, read=_rss_mb):
+        self.read = read
+        self.peak, self._stop = read(), threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
 
     def _run(self, every: float) -> None:
         while not self._stop.wait(every):
-            self.peak = max(self.peak, _rss_mb())
+            self.peak = max(self.peak, self.read())
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
-        return max(self.peak, _rss_mb())
+        return max(self.peak, self.read())
 
 
 def _dir_bytes(path: Path) -> int:

@@ -368,7 +368,6 @@ def test_loads_from_gguf_and_equals_transformers_on_it(family, tmp_path):
     """What a GGUF does not carry, transformers fills with defaults (Llama 3's and Phi-3's RoPE
     scaling, Gemma's soft-caps and query scalar): the memory equals transformers on the model as
     loaded, and for Qwen3 and Qwen3-MoE (everything carried) the model as written."""
-    pytest.importorskip("gguf")
     from memory_plugin import load_model
 
     original = WRITTEN_EXACTLY[family]() if family in WRITTEN_EXACTLY else FAMILIES[family]()
