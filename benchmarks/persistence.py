@@ -268,7 +268,8 @@ def grown_build(a) -> None:
     history of N tokens built from it (:func:`decode_cost.grow_history`: copies of the base's
     blocks up to the depth, the needle and ``--after-tokens`` of filler ingested for real there,
     copies again up to N), saved as a memory directory, measured by a fresh process opening it
-    with the RAM budget (:func:`grown_eval`), then deleted (one directory on disk at a time). The
+    with the RAM budget (:func:`grown_eval`), then deleted (one directory on disk at a time) unless
+    ``--keep``. The
     ``--ram-tokens`` history is built the same way once, kept, and loaded all in RAM for the turn
     ratio. The model's ceiling (each needle alone in ~1k tokens, full attention) runs here first."""
     import gc
@@ -344,7 +345,8 @@ def grown_build(a) -> None:
         subprocess.run(ev, check=True)
         info["eval"] = json.loads((a.out / f"needle-{i}.json").read_text())
         summary["needles"].append(info)
-        shutil.rmtree(path, ignore_errors=True)
+        if not a.keep:
+            shutil.rmtree(path, ignore_errors=True)
         (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(grown_report(summary))
 
@@ -456,6 +458,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="with --grown: turns per memory (interleaved with the all-in-RAM one)")
     p.add_argument("--turn-evals", type=int, default=2, help="with --grown: how many needle histories also time turns")
     p.add_argument("--mmap-threshold", type=int, help="with --grown: the allocator threshold a budget sets (default: the library's)")
+    p.add_argument("--keep", action="store_true", help="with --grown: keep each grown directory (12.5 GB at 1M) to measure again")
     p.add_argument("--grown-eval", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--key", help=argparse.SUPPRESS)
     p.add_argument("--name", help=argparse.SUPPRESS)

@@ -213,7 +213,9 @@ class Context:
             kv_quantization=config.kv_quantization,
             spill_dir=spill_dir,
             resident_budget=self._block_budget if config.max_resident_bytes is not None else None,
-            compact_reprs=config.max_resident_bytes is not None,  # the budget's bytes go to blocks
+            # Held as stored (int8: a quarter of the bytes, and a faster scan on the CPU) unless on
+            # an accelerator without a budget, where a float table is one product on the device.
+            compact_reprs=config.max_resident_bytes is not None or not on_accelerator,
         )
         self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in self.memory_layers]
         self._budget_fixed: int | None = None

@@ -153,10 +153,9 @@ class ReprTable:
     tensors, the block first) and read through ``decode``; grown by doubling, so appends stay cheap
     and a scan reads one buffer per field.
 
-    The store keeps them either decoded (one float tensor: the fastest scan), or, under a RAM
-    budget, as the int8 codec stores them on disk: int8 and a float16 scale per head, ~145 MB at
-    1M tokens of SmolLM2 where float32 takes 565 MB (docs/BENCHMARKS.md, issue 24 target 4). The
-    values decode exactly to what the float table holds, so either ranks blocks alike.
+    The store keeps them either decoded (one float tensor: one product scans them), or as the
+    codec stores them on disk (int8 ones in :class:`Int8ReprTable`). The values decode exactly to
+    what the float table holds, so either ranks blocks alike.
 
     Example:
         >>> t = ReprTable(lambda r: {"repr": (r * 2).round()}, lambda e, out=None: e["repr"] / 2, torch.zeros(0, 2, 3))
@@ -165,6 +164,9 @@ class ReprTable:
         >>> t.decoded().tolist(), t.scores(torch.ones(6)).tolist()
         ([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]], [2.0])
     """
+
+    AXIS = 0
+    """The axis of the blocks in the held tensors (an encoded field is ``[n, H, ...]``)."""
 
     def __init__(self, encode: Callable[[torch.Tensor], dict], decode: Callable[..., torch.Tensor], empty: torch.Tensor):
         """``decode(enc, out=None)`` may decode into ``out``, a float32 ``[k, H, D]`` buffer."""
@@ -177,38 +179,55 @@ class ReprTable:
     def __len__(self) -> int:
         return self.n
 
+    def _rows(self, t: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        return t.narrow(self.AXIS, first, last - first)
+
+    def _held(self, t: torch.Tensor, cap: int) -> torch.Tensor:
+        """An empty held tensor for ``cap`` blocks of field ``t`` (given block first)."""
+        shape = list(t.shape[1:])
+        shape.insert(self.AXIS, cap)
+        return t.new_empty(shape)
+
     def set(self, enc: dict[str, torch.Tensor]) -> None:
         """Hold ``enc`` alone (a load)."""
         self.n = len(next(iter(enc.values())))
-        self._data = {k: t.new_empty(max(16, self.n), *t.shape[1:]) for k, t in enc.items()}
-        for k, t in enc.items():
-            self._data[k][: self.n] = t
+        self._data = {k: self._held(t, max(16, self.n)) for k, t in enc.items()}
+        self._fill(enc, 0)
+
+    def _fill(self, enc: dict[str, torch.Tensor], first: int) -> None:
+        k = len(next(iter(enc.values())))
+        for name, t in enc.items():
+            self._rows(self._data[name], first, first + k).copy_(t.movedim(0, self.AXIS))
 
     def append(self, enc: dict[str, torch.Tensor]) -> None:
         """Add the keys of ``k`` blocks, encoded: ``{field: [k, ...]}``."""
         k = len(next(iter(enc.values())))
-        cap = len(next(iter(self._data.values())))
+        cap = next(iter(self._data.values())).shape[self.AXIS]
         if self.n + k > cap:
             grow = max(2 * cap, self.n + k)
             for name, t in self._data.items():
-                grown = t.new_empty(grow, *t.shape[1:])
-                grown[: self.n] = t[: self.n]
+                grown = self._held(t.movedim(self.AXIS, 0), grow)
+                self._rows(grown, 0, self.n).copy_(self._rows(t, 0, self.n))
                 self._data[name] = grown
-        for name, t in enc.items():
-            self._data[name][self.n : self.n + k] = t
+        self._fill(enc, self.n)
         self.n += k
 
     def truncate(self, n: int) -> None:
         self.n = min(self.n, n)
 
     def encoded(self, first: int = 0, last: int | None = None) -> dict[str, torch.Tensor]:
-        """Blocks ``[first, last)`` as held (views)."""
+        """Blocks ``[first, last)`` as held (views, block first)."""
         last = self.n if last is None else min(last, self.n)
-        return {k: t[first:last] for k, t in self._data.items()}
+        return {k: self._rows(t, first, last).movedim(self.AXIS, 0) for k, t in self._data.items()}
 
     def decoded(self, first: int = 0, last: int | None = None) -> torch.Tensor:
         """Blocks ``[first, last)`` decoded: ``[k, H, D]``."""
         return self.decode(self.encoded(first, last))
+
+    def top(self, q: torch.Tensor, k: int) -> list[int]:
+        """Ids (ascending) of the ``k < n`` blocks whose flattened keys have the largest dot
+        product with ``q [H * D]`` (float32)."""
+        return sorted(self.scores(q).topk(k).indices.tolist())
 
     def scores(self, q: torch.Tensor) -> torch.Tensor:
         """Each block's flattened keys dotted with ``q [H * D]`` (float32): ``[n]`` float32, a chunk
@@ -218,7 +237,7 @@ class ReprTable:
         if self._chunk is None or len(self._chunk) != REPR_CHUNK:
             # One buffer, reused: a fresh one per chunk is its own mapping under a budget's
             # allocator setting, and page faults then took most of a 1M turn (BENCHMARKS.md).
-            self._chunk = torch.empty(REPR_CHUNK, *self._data["repr"].shape[1:], device=q.device)
+            self._chunk = torch.empty(REPR_CHUNK, *self.encoded(0, 0)["repr"].shape[1:], device=q.device)
         out = torch.empty(self.n, device=q.device)
         for i in range(0, self.n, REPR_CHUNK):
             j = min(self.n, i + REPR_CHUNK)
@@ -231,7 +250,164 @@ class ReprTable:
 
     def nbytes(self) -> int:
         """Bytes of the blocks held (the doubling's spare rows are not touched, so not resident)."""
-        return sum(_size(t[: self.n]) for t in self._data.values()) + (_size(self._chunk) if self._chunk is not None else 0)
+        held = sum(_size(self._rows(t, 0, self.n)) for t in self._data.values())
+        return held + (_size(self._chunk) if self._chunk is not None else 0)
+
+
+BF16_UNIT = 2.0**-8
+"""bf16's unit roundoff (8 significant bits): a value rounded to bf16 is within this fraction of it."""
+
+
+FAST_SCAN_MIN_BLOCKS = 512
+"""Below this many blocks an int8 table is scanned a decoded chunk at a time: the bf16 kernel's
+~20 small operations per scan (nine heads, the bound, the candidates) cost about what they save.
+One thread, 30 layers' tables of random keys scanned in turn, ms per scan (kernel / decoded
+chunks / a float32 table): 0.25 / 0.24 / 0.18 at 494 blocks, 0.35 / 0.39 / 0.28 at 1,024, 0.43 /
+0.72 / 0.50 at 2,030, 0.63 / 1.53 / 0.91 at 4,096."""
+
+
+class Int8ReprTable(ReprTable):
+    """Representative keys as the int8 codec stores them (int8, a float16 scale per block and
+    head: a quarter of float32's bytes), held head-major (``[H, n, D]``), so that each head's keys
+    are one contiguous int8 matrix and a scan is one int8 x bf16 product per head
+    (``torch._weight_int8pack_mm``, the kernel of weight-only int8 linear layers).
+
+    Selection stays exact: each block's bf16 score comes with a bound on its distance from the
+    float32 one (:meth:`approximate`); every block whose upper bound reaches the ``k``-th largest
+    lower bound is a candidate, and the candidates are scored again in float32 from their decoded
+    keys. A block of the true top ``k`` is always a candidate, so the result is the float32
+    table's. At 1M tokens (8,174 blocks of SmolLM2) one layer's scan reads 4.8 MB instead of 18.8
+    (docs/BENCHMARKS.md, issue 24). Where the kernel is missing (an older torch, another device, a
+    head width it does not take) it scans as :class:`ReprTable`, a chunk of keys decoded at a time.
+
+    Example:
+        >>> from memory_plugin.policies import Int8PerChannel
+        >>> codec = Int8PerChannel()
+        >>> t = Int8ReprTable(codec.encode_reprs, lambda e, out=None: codec.decode_reprs(e, torch.float32, out), torch.zeros(0, 2, 16))
+        >>> t.append(codec.encode_reprs(torch.arange(6.0).reshape(6, 1, 1).expand(6, 2, 16) - 2))  # block b: keys all b - 2
+        >>> t.top(torch.ones(32), 2), t.top(-torch.ones(32), 2)
+        ([4, 5], [0, 1])
+    """
+
+    AXIS = 1
+
+    def __init__(self, encode: Callable[[torch.Tensor], dict], decode: Callable[..., torch.Tensor], empty: torch.Tensor):
+        self.fast = empty.device.type == "cpu" and _int8_kernel(empty.shape[-1])
+        # Kept beside the keys while scans are fast: the scales in float32 [H, capacity] and
+        # scale_bh * ||r_bh|| [capacity, H] (the query's rounding error is bounded with them).
+        self._scale: torch.Tensor | None = None
+        self._norms: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._heads: tuple[int, list] | None = None  # (n, per-head int8 keys): views, until n changes
+        self._ones = torch.ones(0, dtype=torch.bfloat16)  # the kernel's scales: the real ones come after
+        self._picked: torch.Tensor | None = None  # the candidates' int8 keys, a chunk at a time
+        super().__init__(encode, decode, empty)
+
+    def set(self, enc: dict[str, torch.Tensor]) -> None:
+        super().set(enc)
+        self._scale = self._norms = None
+        self._derive(0)
+
+    def append(self, enc: dict[str, torch.Tensor]) -> None:
+        n = self.n
+        super().append(enc)
+        self._derive(n)
+
+    def _derive(self, first: int) -> None:
+        """The scan's side data of blocks ``[first, n)``, grown with the keys."""
+        self._heads = None
+        if not self.fast:
+            return
+        r, s = self._data["repr"], self._data["repr_scale"][..., 0]  # [H, cap, D], [H, cap]
+        if self._scale is None or self._scale.shape[1] != s.shape[1]:
+            scale, norms = torch.empty(s.shape), torch.empty(s.shape[::-1])
+            if self._scale is not None:
+                scale[:, :first], norms[:first] = self._scale[:, :first], self._norms[:first]
+            self._scale, self._norms = scale, norms
+            self._y = torch.empty(s.shape)  # a scan's per-head scores, reused
+        self._scale[:, first : self.n] = s[:, first : self.n]
+        self._norms[first : self.n] = (r[:, first : self.n].float().norm(dim=-1) * self._scale[:, first : self.n]).T
+
+    def truncate(self, n: int) -> None:
+        super().truncate(n)
+        self._heads = None
+
+    def top(self, q: torch.Tensor, k: int) -> list[int]:
+        if not self.fast or self.n < FAST_SCAN_MIN_BLOCKS:
+            return super().top(q, k)
+        approx, margin = self.approximate(q)
+        floor = (approx - margin).topk(k).values[-1]
+        cand = torch.nonzero(approx.add_(margin) >= floor).flatten()
+        return sorted(cand[self._rescore(cand, q).topk(k).indices].tolist())
+
+    def approximate(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block's score against ``q [H * D]`` from the bf16 kernel, and a bound on its
+        distance from the float32 score: two ``[n]`` float32 (only where :attr:`fast`).
+
+        Per head the kernel computes ``y = round_bf16(q'_h . r_bh)`` for the int8 keys ``r_bh``
+        and the query rounded to bf16, ``q'_h`` (float32 accumulation), so the score
+        ``s_bh * y`` is off by at most ``s_bh * (|y| * 2u + ||q'_h - q_h|| * ||r_bh|| +
+        2**-16 * ||q_h|| * ||r_bh||)``: the result's rounding (u = 2**-8, doubled to cover the
+        float32 steps), the query's actual rounding error (Cauchy-Schwarz) and the float32
+        accumulation of D products. The scales multiply in float32 after the kernel (it is
+        given ones), so they add no rounding."""
+        n = self.n
+        if self._heads is None or self._heads[0] != n:
+            self._heads = (n, [self._data["repr"][i, :n] for i in range(self._data["repr"].shape[0])])
+            if len(self._ones) < n:
+                self._ones = torch.ones(max(n, 2 * len(self._ones)), dtype=torch.bfloat16)
+        keys, ones = self._heads[1], self._ones[:n]
+        qh = q.reshape(len(keys), -1)
+        qb = qh.to(torch.bfloat16)
+        y = self._y[:, :n]  # [H, n]: each head's score
+        for i in range(len(keys)):
+            y[i] = torch._weight_int8pack_mm(qb[i : i + 1], keys[i], ones)[0]
+        scores = y.mul_(self._scale[:, :n]).sum(dim=0)
+        off = (qb.float() - qh).norm(dim=-1) + 2.0**-16 * qh.norm(dim=-1)  # [H]
+        margin = torch.mv(self._norms[:n], off).add_(y.abs_().sum(dim=0), alpha=2 * BF16_UNIT)
+        return scores, margin
+
+    def _rescore(self, ids: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The float32 scores of blocks ``ids`` (a few percent of them: tens to hundreds), decoded
+        :data:`REPR_CHUNK` at a time into reused buffers (as :meth:`ReprTable.scores`)."""
+        keys, scales = self._data["repr"].movedim(1, 0), self._data["repr_scale"].movedim(1, 0)  # block first
+        if self._picked is None:
+            self._chunk = torch.empty(REPR_CHUNK, *keys.shape[1:])
+            self._picked = torch.empty(REPR_CHUNK, *keys.shape[1:], dtype=keys.dtype)
+        out = torch.empty(len(ids))
+        for i in range(0, len(ids), REPR_CHUNK):
+            part = ids[i : i + REPR_CHUNK]
+            m = len(part)
+            picked = torch.index_select(keys, 0, part, out=self._picked[:m])
+            dec = self.decode({"repr": picked, "repr_scale": scales[part]}, out=self._chunk[:m])
+            torch.mv(dec.reshape(m, -1), q, out=out[i : i + m])
+        return out
+
+    def nbytes(self) -> int:
+        side = [self._scale[:, : self.n], self._norms[: self.n], self._y[:, : self.n], self._picked] if self.fast else []
+        return super().nbytes() + sum(_size(t) for t in side if t is not None)
+
+
+_INT8_KERNEL: bool | None = None
+
+
+def _int8_kernel(head_dim: int) -> bool:
+    """Whether this torch has a CPU int8 x bf16 product (``_weight_int8pack_mm``, torch 2.3+) for
+    keys of ``head_dim``, checked once on a small case. Only for multiples of 16 (64 and 128 in the
+    models served): with torch 2.13 other widths gave NaN (40) or crashed the process (4, 8 and
+    24, for some row counts), while every multiple of 16 up to 256 matched the float32 product
+    within the bound for every row count tried (1-69, 255-257, 1,000, 4,097)."""
+    global _INT8_KERNEL
+    if head_dim % 16:
+        return False
+    if _INT8_KERNEL is None:
+        try:
+            a, b = torch.ones(1, 16, dtype=torch.bfloat16), torch.ones(3, 16, dtype=torch.int8)
+            out = torch._weight_int8pack_mm(a, b, torch.ones(3, dtype=torch.bfloat16))
+            _INT8_KERNEL = out.shape == (1, 3) and bool((out == 16).all())
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _INT8_KERNEL = False
+    return _INT8_KERNEL
 
 
 class LayerBlocks:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from memory_plugin import tiers
 from memory_plugin.attention import block_relevance
 from memory_plugin.blocks import CODECS, BlockStore
 from memory_plugin.policies import RELEVANCE
@@ -8,8 +9,8 @@ from memory_plugin.policies import RELEVANCE
 H, HKV, D, BS = 4, 2, 8, 4
 
 
-def _store(**kw):
-    return BlockStore(2, H, HKV, D, block_size=BS, dtype=torch.float32, **kw)
+def _store(n_heads=H, head_dim=D, **kw):
+    return BlockStore(2, n_heads, HKV, head_dim, block_size=BS, dtype=torch.float32, **kw)
 
 
 def _fill(store, n, layer=0):
@@ -174,9 +175,9 @@ def test_a_store_read_back_from_disk_selects_as_the_one_written(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["int8", "none"])
 def test_compact_reprs_hold_less_and_select_read_and_write_as_decoded_ones(tmp_path, monkeypatch, kind):
-    """Under a RAM budget representative keys stay encoded as on disk (int8: a quarter of the
-    bytes), scanned a chunk at a time: the same keys, the same selection, the same shards."""
-    from memory_plugin import tiers
+    """Representative keys held encoded as on disk (on the CPU, and under a RAM budget; int8: a
+    quarter of the bytes), scanned a chunk at a time: the same keys, the same selection, the same
+    shards."""
 
     monkeypatch.setattr(tiers, "REPR_CHUNK", 7)  # many chunks, the last one short
     torch.manual_seed(3)
@@ -324,3 +325,55 @@ def test_a_selection_is_decoded_straight_into_one_buffer_with_the_values_of_each
     k, v = store.fetch(0, ids)
     each = torch.cat([store.block(0, b) for b in ids], dim=2)  # decoded one by one
     assert torch.equal(k, each[0]) and torch.equal(v, each[1])
+
+
+needs_int8_kernel = pytest.mark.skipif(not tiers._int8_kernel(64), reason="this torch has no CPU int8 x bf16 product")
+
+
+@needs_int8_kernel
+def test_the_bf16_scores_of_int8_keys_stay_within_their_bound():
+    """The kernel's scores differ from the float32 ones by less than the margin that makes
+    selection exact (Int8ReprTable.approximate): keys and queries of very different sizes per head."""
+    torch.manual_seed(4)
+    table = _store(n_heads=9, head_dim=64, kv_quantization="int8", compact_reprs=True).layers[0].table
+    table.append(table.encode(torch.randn(3000, 9, 64) * torch.logspace(-2, 2, 9)[:, None] + torch.randn(9, 64)))
+    assert table.fast
+    worst = 0.0
+    for q in torch.randn(40, 9 * 64) * torch.logspace(-1, 3, 40)[:, None]:
+        approx, margin = table.approximate(q)
+        exact = table.scores(q)
+        assert ((approx - exact).abs() <= margin).all()
+        worst = max(worst, ((approx - exact).abs() / margin).max().item())
+    assert worst > 1e-4  # the kernel really rounds (this is not the float32 product)
+
+
+@needs_int8_kernel
+def test_int8_keys_scanned_by_the_kernel_select_as_the_float32_table(monkeypatch):
+    """Selection on the bf16 kernel's scores plus an exact rescoring of the candidates picks the
+    blocks the float32 table picks, also among near-duplicates bf16 cannot tell apart, after
+    appends across the table's doubling, a rollback and growth again."""
+    monkeypatch.setattr(tiers, "FAST_SCAN_MIN_BLOCKS", 64)
+    monkeypatch.setattr(tiers, "REPR_CHUNK", 7)  # candidates rescored in many chunks
+    torch.manual_seed(5)
+    fast = _store(n_heads=9, head_dim=64, kv_quantization="int8", compact_reprs=True)
+    plain = _store(n_heads=9, head_dim=64, kv_quantization="int8")
+    base = torch.randn(40, 9, 64) * torch.rand(1, 9, 1) * 4
+    kv = torch.zeros(2, HKV, BS, 64)
+
+    def grow(count):
+        for i in range(count):
+            r = base[i % 40] + 1e-3 * torch.randn(9, 64)  # copies 1e-3 apart: ties in bf16
+            fast.append(0, kv, r)
+            plain.append(0, kv, r)
+
+    grow(300)
+    fast.truncate(250)
+    plain.truncate(250)
+    grow(100)
+    assert fast.layers[0].table.fast and len(fast.layers[0].table) == 350
+    assert fast.repr_nbytes() * 3 < plain.repr_nbytes()
+    queries = torch.randn(30, 9, 64)
+    for relevance in RELEVANCE.values():
+        want = [plain.select(0, q, 16, relevance) for q in queries]
+        assert [fast.select(0, q, 16, relevance) for q in queries] == want
+        assert [fast.select(0, q, 1, relevance) for q in queries] == [plain.select(0, q, 1, relevance) for q in queries]
