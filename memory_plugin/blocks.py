@@ -229,10 +229,11 @@ class BlockStore:
         """Ids (ascending) of the ``topk`` blocks most relevant to ``q_mean [H, D]``; all when fewer.
         ``relevance``: a policy of :data:`~memory_plugin.policies.RELEVANCE` (InfLLM's by default).
 
-        The blocks ``relevance.scores`` ranks first, found with one matrix-vector product of the
-        flattened reprs ``[n, H * D]`` and the policy's re-weighted query (z-scoring needs only
-        each head's score spread, from the layer's running moments): every step reads each
-        representative key once, in place."""
+        The blocks ``relevance.scores`` ranks first, found by scoring the flattened reprs
+        ``[n, H * D]`` against the policy's re-weighted query (z-scoring needs only each head's
+        score spread, from the layer's running moments): every step reads each representative key
+        once, in place (int8 ones through a bf16 kernel and an exact rescoring of the few blocks
+        near the cut, :class:`~memory_plugin.tiers.Int8ReprTable`)."""
         blocks = self.layers[layer]
         n = len(blocks)
         if n <= topk:

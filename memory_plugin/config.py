@@ -83,9 +83,9 @@ class MemoryConfig:
     max_resident_bytes: int | None = None
     """RAM budget for the memory (window, init, representative keys and cached blocks). Blocks
     beyond it live in safetensors shards on disk (the memory's directory, or a temporary one) and
-    are read back on demand. None keeps everything in RAM. Under a budget the representative keys
-    stay in RAM as the codec stores them (int8: ~145 MB at 1M tokens of the embedded model, not 565
-    MB of float32), decoded a chunk at a time when scanned. Setting a budget also makes glibc's
+    are read back on demand. None keeps everything in RAM. The representative keys stay in RAM as
+    the codec stores them (int8: ~145 MB at 1M tokens of the embedded model, not 565 MB of
+    float32), with or without a budget on the CPU. Setting a budget also makes glibc's
     allocator give freed buffers of 1 MiB or more back to the OS (a process-wide ``mallopt``),
     without which the process kept ~420 MB more than the memory held at 8k tokens."""
 

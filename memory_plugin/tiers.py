@@ -262,8 +262,8 @@ FAST_SCAN_MIN_BLOCKS = 512
 """Below this many blocks an int8 table is scanned a decoded chunk at a time: the bf16 kernel's
 ~20 small operations per scan (nine heads, the bound, the candidates) cost about what they save.
 One thread, 30 layers' tables of random keys scanned in turn, ms per scan (kernel / decoded
-chunks / a float32 table): 0.25 / 0.24 / 0.18 at 494 blocks, 0.35 / 0.39 / 0.28 at 1,024, 0.43 /
-0.72 / 0.50 at 2,030, 0.63 / 1.53 / 0.91 at 4,096."""
+chunks / a float32 table): 0.30 / 0.23 / 0.17 at 494 blocks, 0.34 / 0.40 / 0.27 at 1,024, 0.44 /
+0.66 / 0.50 at 2,030, 0.83 / 2.30 / 1.79 at 8,174 (``benchmarks/scan_cost.py tables``)."""
 
 
 class Int8ReprTable(ReprTable):
