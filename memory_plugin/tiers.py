@@ -298,8 +298,9 @@ class Int8ReprTable(ReprTable):
         self._scale: torch.Tensor | None = None
         self._norms: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
-        self._heads: tuple[int, list] | None = None  # (n, per-head int8 keys): views, until n changes
-        self._ones = torch.ones(0, dtype=torch.bfloat16)  # the kernel's scales: the real ones come after
+        # (n, per-head int8 keys as views, the kernel's scales: ones, the real ones come after),
+        # until n changes
+        self._heads: tuple[int, list, torch.Tensor] | None = None
         self._picked: torch.Tensor | None = None  # the candidates' int8 keys, a chunk at a time
         super().__init__(encode, decode, empty)
 
@@ -353,10 +354,9 @@ class Int8ReprTable(ReprTable):
         given ones), so they add no rounding."""
         n = self.n
         if self._heads is None or self._heads[0] != n:
-            self._heads = (n, [self._data["repr"][i, :n] for i in range(self._data["repr"].shape[0])])
-            if len(self._ones) < n:
-                self._ones = torch.ones(max(n, 2 * len(self._ones)), dtype=torch.bfloat16)
-        keys, ones = self._heads[1], self._ones[:n]
+            keys = [self._data["repr"][i, :n] for i in range(self._data["repr"].shape[0])]
+            self._heads = (n, keys, torch.ones(n, dtype=torch.bfloat16))
+        _, keys, ones = self._heads
         qh = q.reshape(len(keys), -1)
         qb = qh.to(torch.bfloat16)
         y = self._y[:, :n]  # [H, n]: each head's score
