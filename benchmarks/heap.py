@@ -27,15 +27,17 @@ def anon_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
-def build(tokens: int, directory: Path) -> None:
+def build(tokens: int, directory: Path, overrides: list[str] = ()) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from passkey import _config
+
     from memory_plugin import ContextMemory, load_model
     from memory_plugin.tasks import passkey_history
 
     model, tok = load_model()
-    mem = ContextMemory(model, tokenizer=tok)
+    mem = ContextMemory(model, tokenizer=tok, config=_config(list(overrides)))
     mem.add_text(passkey_history(tok, tokens, 0.5, "62950"))
     mem.save(directory)
     print(json.dumps({"tokens": len(mem), "dir": str(directory)}))
@@ -106,6 +108,7 @@ def main() -> None:
     b = sub.add_parser("build")
     b.add_argument("--tokens", type=int, default=65536)
     b.add_argument("--dir", type=Path, required=True)
+    b.add_argument("--set", action="append", default=[], help="MemoryConfig override, e.g. repr_heads=kv")
     m = sub.add_parser("measure")
     m.add_argument("--dir", type=Path, required=True)
     m.add_argument("--turns", type=int, default=3)
@@ -121,7 +124,7 @@ def main() -> None:
     c.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     if a.cmd == "build":
-        build(a.tokens, a.dir)
+        build(a.tokens, a.dir, a.set)
     elif a.cmd == "measure":
         print(json.dumps(measure(a.dir, a.turns, not a.no_release, a.budget_mb, a.mmap_threshold)))
     else:

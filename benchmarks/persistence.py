@@ -278,6 +278,7 @@ def grown_build(a) -> None:
 
     torch.set_num_threads(1)
     from decode_cost import grow_history
+    from passkey import _config
 
     from memory_plugin import ContextMemory, load_model
     from memory_plugin.baselines import FullAttention
@@ -299,7 +300,7 @@ def grown_build(a) -> None:
     print(json.dumps({"ceiling": ceiling}), flush=True)
     base = work / "base"
     if not (base / "manifest.json").exists():
-        mem = ContextMemory(model, tok)
+        mem = ContextMemory(model, tok, _config(a.set))
         c, t = time.process_time(), time.perf_counter()
         while len(mem) < a.base_tokens:
             mem.add_text(FILLER * 100)  # ~2.4k tokens per add, as an agent's tool outputs would come
@@ -333,6 +334,7 @@ def grown_build(a) -> None:
     print(json.dumps({"ram_history": summary["ram_history"]}), flush=True)
     common = ["--workdir", str(work), "--out", str(a.out), "--budget-mb", str(a.budget_mb), "--rounds", str(a.rounds)]
     common += [] if a.mmap_threshold is None else ["--mmap-threshold", str(a.mmap_threshold)]
+    common += [arg for o in a.set for arg in ("--set", o)]
     ev = [sys.executable, __file__, "--grown-eval", str(ram_dir), "--key", passkey(99), "--ram-copy", "none", *common]
     subprocess.run(ev + ["--name", "ram-alone"], check=True)  # the all-in-RAM turn with glibc's defaults, alone
     summary["needles"] = []
@@ -359,9 +361,9 @@ def grown_eval(a) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from passkey import _turn_message
+    from passkey import _config, _turn_message
 
-    from memory_plugin import ContextMemory, MemoryConfig, blocks, load_model
+    from memory_plugin import ContextMemory, blocks, load_model
     from memory_plugin.tasks import QUESTION
 
     if a.mmap_threshold is not None:
@@ -375,7 +377,7 @@ def grown_eval(a) -> None:
     if alone:
         mem = ContextMemory.load(a.grown_eval, model, tokenizer=tok)
     else:
-        mem = ContextMemory.open(a.grown_eval, model, tokenizer=tok, config=MemoryConfig(max_resident_bytes=a.budget_mb * 2**20))
+        mem = ContextMemory.open(a.grown_eval, model, tokenizer=tok, config=_config(a.set).replace(max_resident_bytes=a.budget_mb * 2**20))
     out = {"name": a.name, "dir": str(a.grown_eval), "tokens": len(mem), "budget_mb": None if alone else a.budget_mb,
            "open_cpu_s": time.process_time() - c, "open_wall_s": time.perf_counter() - t, "rss_model_mb": rss_model}
     print(json.dumps(out), flush=True)
@@ -459,6 +461,7 @@ def main() -> None:
     p.add_argument("--turn-evals", type=int, default=2, help="with --grown: how many needle histories also time turns")
     p.add_argument("--mmap-threshold", type=int, help="with --grown: the allocator threshold a budget sets (default: the library's)")
     p.add_argument("--keep", action="store_true", help="with --grown: keep each grown directory (12.5 GB at 1M) to measure again")
+    p.add_argument("--set", action="append", default=[], help="with --grown: MemoryConfig override, e.g. repr_heads=kv")
     p.add_argument("--grown-eval", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--key", help=argparse.SUPPRESS)
     p.add_argument("--name", help=argparse.SUPPRESS)

@@ -156,11 +156,13 @@ def plant(tok, docs: list[str], facts: list[dict], at: list[float]) -> list[str 
     return [x for x in out if x]
 
 
-def build(method: str, model, tok):
+def build(method: str, model, tok, overrides: list[str] = ()):
+    from passkey import _config
+
     from memory_plugin import ContextMemory
     from memory_plugin.baselines import FullAttention
 
-    return FullAttention(model, tok) if method == "full" else ContextMemory(model, tok)
+    return FullAttention(model, tok) if method == "full" else ContextMemory(model, tok, _config(list(overrides)))
 
 
 def ingest(mem, pieces) -> tuple[list[float], float]:
@@ -222,11 +224,11 @@ def run(a) -> dict:
     model, tok = load_model()
     facts = make_facts(a.facts, a.seed)
     methods = [m for m in a.methods if m != "hybrid"] + ([f"hybrid@{k}" for k in a.recall] if "hybrid" in a.methods else [])
-    res = {"seed": a.seed, "facts": facts, "lengths": a.lengths, "methods": methods, "cells": []}
+    res = {"seed": a.seed, "facts": facts, "lengths": a.lengths, "methods": methods, "config": a.set, "cells": []}
     if "ceiling" in a.methods:
         docs, rows, t_ing = prose(tok, CEILING_TOKENS - 40), [], 0.0
         for f in facts:
-            mem = build("contextmemory", model, tok)
+            mem = build("contextmemory", model, tok, a.set)
             (d,), t = ingest(mem, plant(tok, docs, [f], [0.5]))
             t_ing += t
             for style in STYLES:
@@ -240,14 +242,14 @@ def run(a) -> dict:
         groups = [["full"]] if "full" in a.methods and length <= FULL_MAX_LENGTH else []
         groups += [[m for m in methods if m == "contextmemory" or m.startswith("hybrid")]]
         for group in filter(None, groups):
-            saved = a.memory_dir / f"{length}-{a.facts}-{a.seed}" if a.memory_dir and group[0] != "full" else None
+            saved = a.memory_dir / "-".join([str(length), str(a.facts), str(a.seed), *a.set]) if a.memory_dir and group[0] != "full" else None
             if saved is not None and (saved / "where.json").exists():  # ingested by an earlier run
                 from memory_plugin import ContextMemory
 
                 mem = ContextMemory.load(saved, model, tokenizer=tok)
                 where, t_ing = json.loads((saved / "where.json").read_text())
             else:
-                mem = build(group[0], model, tok)
+                mem = build(group[0], model, tok, a.set)
                 where, t_ing = ingest(mem, pieces)
                 if saved is not None:
                     mem.save(saved)
@@ -304,6 +306,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/recall"))
     p.add_argument("--memory-dir", type=Path, help="save each ingested history here, and load it instead of "
                    "ingesting again when a later run asks for the same length, facts and seed (its ingest_s is the first run's)")
+    p.add_argument("--set", action="append", default=[], help="MemoryConfig override, e.g. repr_heads=kv")
     a = p.parse_args()
     t = time.perf_counter()
     res = run(a)

@@ -2,6 +2,7 @@
 target 1: the scan of every block's representative keys is what grows with the history).
 
     python benchmarks/scan_cost.py tables --blocks 50 494 1024 2030 4096 8174 --out benchmarks/results/scan_cost/tables.json
+    python benchmarks/scan_cost.py tables --repr-heads 3 --blocks 494 2030 8174 --out benchmarks/results/scan_cost/tables-kv.json
     python benchmarks/scan_cost.py turn --load DIR --grow 262144 1048576 --out benchmarks/results/scan_cost/turn-DIR.json
 
 ``tables``: 30 layers' tables of random keys (9 heads of 64, SmolLM2's), each scanned in turn for
@@ -9,6 +10,7 @@ one query as a decode step does (so a table is not in cache when scanned again),
 scan (``BlockStore.select``, z-scored, top 16) for: a float32 table (one matrix-vector product),
 the int8 table through the bf16 kernel (``Int8ReprTable``, its threshold lowered to 1), and the
 int8 table decoded a chunk at a time (the kernel off). Every path must select the same blocks.
+``--repr-heads 3``: one key per KV head (``MemoryConfig.repr_heads="kv"``), still 9 query heads.
 
 ``turn``: a memory saved with ``ContextMemory.save`` loaded, at its own length and grown by
 replicated blocks (``decode_cost.replicate_blocks``), one turn as ``passkey.py perf`` (a ~200-token
@@ -32,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def tables(sizes: list[int], layers: int = 30, repeats: int = 20) -> list[dict]:
+def tables(sizes: list[int], layers: int = 30, repeats: int = 20, repr_heads: int = 9) -> list[dict]:
     import torch
 
     from memory_plugin import tiers
@@ -43,10 +45,13 @@ def tables(sizes: list[int], layers: int = 30, repeats: int = 20) -> list[dict]:
     rel = RELEVANCE["zscore"]
     rows = []
     for n in sizes:
-        data = [torch.randn(n, heads, dim) * torch.rand(1, heads, 1) * 3 for _ in range(layers)]
+        data = [torch.randn(n, repr_heads, dim) * torch.rand(1, repr_heads, 1) * 3 for _ in range(layers)]
         stores = {}
         for name in ("float32", "int8 kernel", "int8 chunks"):
-            store = BlockStore(layers, heads, 3, dim, block_size=128, dtype=torch.float32, kv_quantization="int8", compact_reprs=name != "float32")
+            store = BlockStore(
+                layers, heads, 3, dim, block_size=128, dtype=torch.float32, kv_quantization="int8", compact_reprs=name != "float32",
+                repr_heads=repr_heads,
+            )  # fmt: skip
             for i in range(layers):
                 if name == "int8 chunks":
                     store.layers[i].table.fast = False
@@ -54,7 +59,7 @@ def tables(sizes: list[int], layers: int = 30, repeats: int = 20) -> list[dict]:
                 store.layers[i].kv = [None] * n
             stores[name] = store
         q = torch.randn(heads, dim)
-        row = {"blocks": n}
+        row = {"blocks": n, "repr_heads": repr_heads}
         picks = {}
         old, tiers.FAST_SCAN_MIN_BLOCKS = tiers.FAST_SCAN_MIN_BLOCKS, 1
         try:
@@ -136,6 +141,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("tables")
     t.add_argument("--blocks", type=int, nargs="+", default=[50, 494, 1024, 2030, 4096, 8174])
+    t.add_argument("--repr-heads", type=int, default=9, help="representative keys per block (3: one per KV head)")
     u = sub.add_parser("turn")
     u.add_argument("--load", type=Path, required=True)
     u.add_argument("--grow", type=int, nargs="*", default=[262144, 1048576])
@@ -143,7 +149,7 @@ def main() -> None:
         s.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
-    rows = tables(a.blocks) if a.what == "tables" else turn(a.load, a.grow)
+    rows = tables(a.blocks, repr_heads=a.repr_heads) if a.what == "tables" else turn(a.load, a.grow)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"what": a.what, "torch": torch.__version__, "rows": rows}, indent=1))
 

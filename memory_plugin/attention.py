@@ -193,23 +193,39 @@ def _masses(parts, live, per_live, mass_fn):
 
 
 def representative_keys(k: torch.Tensor, mass: torch.Tensor, repr_topk: int) -> torch.Tensor:
-    """One representative key per query head for a block: the mean of its ``repr_topk`` keys that
-    received the most attention mass while in the local window (InfLLM's code; the paper states
-    raw dot products, the code uses mass).
+    """One representative key per row of ``mass`` for a block: the mean of its ``repr_topk`` keys
+    that received the most attention mass while in the local window (InfLLM's code; the paper
+    states raw dot products, the code uses mass). A row per query head is InfLLM's; a row per KV
+    head (its group's mass summed, :func:`group_sum`) gives one key per KV head.
 
-    ``k [Hkv, n, D]`` unrotated keys, ``mass [H, n]`` -> ``[H, D]``.
+    ``k [Hkv, n, D]`` unrotated keys, ``mass [R, n]`` (R = H or Hkv) -> ``[R, D]``.
+
+    Example (two query heads share one KV head; each prefers another token, together the second):
+        >>> k, mass = torch.tensor([[[1.0], [2.0], [4.0]]]), torch.tensor([[0.5, 0.4, 0.0], [0.0, 0.4, 0.5]])
+        >>> representative_keys(k, mass, 1).tolist(), representative_keys(k, group_sum(mass, 1), 1).tolist()
+        ([[1.0], [4.0]], [[2.0]])
     """
-    h = mass.shape[0]
-    k = k.repeat_interleave(h // k.shape[0], dim=0)  # GQA expanded, per query head
-    top = mass.topk(repr_topk, dim=-1).indices  # [H, r]
+    k = k.repeat_interleave(mass.shape[0] // k.shape[0], dim=0)  # one per row of mass
+    top = mass.topk(repr_topk, dim=-1).indices  # [R, r]
     picked = torch.gather(k, 1, top.unsqueeze(-1).expand(-1, -1, k.shape[-1]))
     return picked.mean(dim=1)
+
+
+def group_sum(x: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Rows of ``x [H, ...]`` summed within each of ``n_groups`` consecutive groups (the query heads
+    that share a KV head): ``[n_groups, ...]``.
+
+        >>> group_sum(torch.arange(6.0).reshape(6, 1), 2).flatten().tolist()
+        [3.0, 12.0]
+    """
+    return x.reshape(n_groups, -1, *x.shape[1:]).sum(dim=1)
 
 
 def block_relevance(q_mean: torch.Tensor, reprs: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """Relevance of each block to a chunk: mean query · representative key, summed over heads.
 
-    ``q_mean [H, D]``, ``reprs [n_blocks, H, D]`` -> ``[n_blocks]``.
+    ``q_mean [H, D]``, ``reprs [n_blocks, R, D]`` -> ``[n_blocks]``; with one key per KV head
+    (``R = Hkv``) each query head scores its group's key.
 
     ``normalize=False`` is InfLLM's rule. With ``normalize=True`` each head's scores are first
     standardised over the blocks (z-scores), so every head casts an equal vote: on SmolLM2-135M a
@@ -218,9 +234,10 @@ def block_relevance(q_mean: torch.Tensor, reprs: torch.Tensor, normalize: bool =
 
     Example:
         >>> q, reprs = torch.ones(2, 4), torch.ones(3, 2, 4)
-        >>> block_relevance(q, reprs).tolist()
-        [8.0, 8.0, 8.0]
+        >>> block_relevance(q, reprs).tolist(), block_relevance(q, reprs[:, :1]).tolist()
+        ([8.0, 8.0, 8.0], [8.0, 8.0, 8.0])
     """
+    reprs = reprs.repeat_interleave(q_mean.shape[0] // reprs.shape[1], dim=1)
     per_head = torch.einsum("hd,bhd->bh", q_mean.float(), reprs.float())
     if normalize:
         std, mean = torch.std_mean(per_head, dim=0, correction=0)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 # Codec, shard and cold-block names are also imported from here, their home before the split.
+from .attention import group_sum
 from .policies import KV_CODECS, RELEVANCE, BlockCodec
 from .shards import MAX_OPEN_SHARDS, SHARD_BLOCKS, ShardInfo, ShardSet
 from .shards import atomic_write, write_safetensors  # noqa: F401  (re-exported)
@@ -98,6 +99,8 @@ class BlockStore:
 
     Args:
         n_layers, n_heads, n_kv_heads, head_dim, block_size: model and memory geometry.
+        repr_heads: representative keys per block: ``n_heads`` (one per query head, InfLLM's; the
+            default) or ``n_kv_heads`` (one per KV head, scored by each query head of its group).
         dtype: the dtype attention computes in (the model's).
         compute_device: where attention runs; reprs live there (they are scanned every step).
         cache_device: an accelerator to keep an LRU of ``max_cached_blocks`` blocks per layer on;
@@ -129,13 +132,17 @@ class BlockStore:
         spill_dir: Path | None = None,
         resident_budget: int | Callable[[], int] | None = None,
         compact_reprs: bool = False,
+        repr_heads: int | None = None,
     ):
         self.block_size, self.n_kv_heads, self.head_dim = block_size, n_kv_heads, head_dim
+        self.repr_heads = n_heads if repr_heads is None else repr_heads
+        if n_heads % self.repr_heads:
+            raise ValueError(f"repr_heads ({self.repr_heads}) must divide n_heads ({n_heads})")
         self.codec = BlockCodec(kv_quantization, dtype)
         self.compute_device = torch.device(compute_device)
         self.cache_device = torch.device(cache_device) if cache_device is not None else None
         self._pin = self.cache_device is not None and self.cache_device.type == "cuda"
-        empty = torch.empty(0, n_heads, head_dim, dtype=dtype, device=self.compute_device)
+        empty = torch.empty(0, self.repr_heads, head_dim, dtype=dtype, device=self.compute_device)
         if compact_reprs and self.codec.kind == "int8":  # as on disk: a quarter of float32's RAM, scanned faster
             table = lambda: Int8ReprTable(self.codec.encode_reprs, self.codec.decode_reprs, empty)  # noqa: E731
         elif compact_reprs:
@@ -143,7 +150,7 @@ class BlockStore:
         else:  # decoded, rounded as the codec stores them: a memory read back from disk selects alike
             table = lambda: ReprTable(lambda r: {"repr": self.codec.round_reprs(r)}, lambda e, out=None: e["repr"], empty)  # noqa: E731
         self.compact_reprs = compact_reprs
-        self.layers = [LayerBlocks(n_heads, head_dim, table()) for _ in range(n_layers)]
+        self.layers = [LayerBlocks(self.repr_heads, head_dim, table()) for _ in range(n_layers)]
         if self.cache_device is not None:  # InfLLM's GPU cache: an LRU of decoded blocks per layer
             shape = (2, n_kv_heads, block_size, head_dim)
             for layer in self.layers:
@@ -233,12 +240,13 @@ class BlockStore:
         ``[n, H * D]`` against the policy's re-weighted query (z-scoring needs only each head's
         score spread, from the layer's running moments): every step reads each representative key
         once, in place (int8 ones through a bf16 kernel and an exact rescoring of the few blocks
-        near the cut, :class:`~memory_plugin.tiers.Int8ReprTable`)."""
+        near the cut, :class:`~memory_plugin.tiers.Int8ReprTable`). With one key per KV head the
+        query heads of a group score the same key, so their queries are summed first."""
         blocks = self.layers[layer]
         n = len(blocks)
         if n <= topk:
             return list(range(n))
-        q = relevance.query(q_mean, lambda: blocks.score_std(q_mean))
+        q = group_sum(relevance.query(q_mean, lambda: blocks.score_std(q_mean)), self.repr_heads)
         return blocks.table.top(q.reshape(-1).float(), topk)
 
     def fetch(self, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .policies import BLOCK_POSITIONS, COLD_MODES, KV_CODECS, RELEVANCE
+from .policies import BLOCK_POSITIONS, COLD_MODES, KV_CODECS, RELEVANCE, REPR_HEADS
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,12 @@ class MemoryConfig:
     against 7 of 7; BENCHMARKS.md, section 2)."""
     repr_topk: int = 4
     """Representative keys per block: the tokens that received most attention while in the window."""
+    repr_heads: str = "query"
+    """Whose representative keys a block keeps: "query" is InfLLM's, one per query head (the mean
+    of the keys that head attended most); "kv", one per KV head, chosen by its group of query heads'
+    summed attention and scored by each of them, so selection reads ``n_kv_heads / n_heads`` of the
+    bytes (a third on SmolLM2: 3 KV heads for 9 query heads) at every decoded token, the part of a
+    turn that grows with the history."""
     chunk_size: int = 512
     """Tokens encoded per forward step; retrieval is done once per chunk (every token when decoding)."""
     relevance: str = "zscore"
@@ -142,6 +148,7 @@ class MemoryConfig:
         _check_int("archive_max_steps", self.archive_max_steps, minimum=1)
         _check_choice("archive_mode", self.archive_mode, COLD_MODES)
         _check_choice("relevance", self.relevance, RELEVANCE)
+        _check_choice("repr_heads", self.repr_heads, REPR_HEADS)
         _check_choice("block_positions", self.block_positions, BLOCK_POSITIONS)
         if self.far_distance is not None:
             _check_int("far_distance", self.far_distance, minimum=1)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .attention import AttnPart, apply_rope, joint_attention, representative_keys
+from .attention import AttnPart, apply_rope, group_sum, joint_attention, representative_keys
 from .blocks import BlockStore, ColdBlock
 from .config import MemoryConfig
 from .policies import BLOCK_POSITIONS, RELEVANCE
@@ -216,6 +216,7 @@ class Context:
             # Held as stored (int8: a quarter of the bytes, and a faster scan on the CPU) unless on
             # an accelerator without a budget, where a float table is one product on the device.
             compact_reprs=config.max_resident_bytes is not None or not on_accelerator,
+            repr_heads=geometry.n_kv_heads if config.repr_heads == "kv" else geometry.n_heads,
         )
         self.layers = [_LayerState(geometry, config, self.capacity, dtype, self.device) for _ in self.memory_layers]
         self._budget_fixed: int | None = None
@@ -400,7 +401,8 @@ class Context:
             a = step.ws + b * bs
             if self.cfg.topk:  # with retrieval off (StreamingLLM) evicted blocks are simply dropped
                 k = st.win_k[:, a : a + bs]
-                repr_key = representative_keys(k, st.win_mass[:, a : a + bs], self.cfg.repr_topk)
+                mass = group_sum(st.win_mass[:, a : a + bs], self.store.repr_heads)
+                repr_key = representative_keys(k, mass, self.cfg.repr_topk)
                 k = self.positions.rotate_keys(k, 0, bs, cos, sin)  # a block starts at offset 0
                 self.store.append(i, torch.stack((k, st.win_v[:, a : a + bs])), repr_key)
 
@@ -455,7 +457,8 @@ class Context:
             for b in range((lo - self.cfg.n_init) // bs, min(len(self.store), (hi - 1 - self.cfg.n_init) // bs + 1)):
                 a = self.cfg.n_init + b * bs
                 if self.store.is_cold(b):
-                    out.append(self.store.layers[layer].table.decoded(b, b + 1)[0].float().cpu()[:, None])
+                    key = self.store.layers[layer].table.decoded(b, b + 1)[0].float().cpu()[:, None]
+                    out.append(key.repeat_interleave(g.n_heads // len(key), dim=0))
                 else:
                     k = self.store.block(layer, b)[0][:, max(lo, a) - a : min(hi, a + bs) - a]
                     out.append(k.float().cpu().repeat_interleave(rep, dim=0))

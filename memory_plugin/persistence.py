@@ -71,7 +71,7 @@ FORMAT_VERSION = 4
   version."""
 # Config fields added after format 1 was first written, with the value that reproduces how a memory
 # saved without them was built (a newer default must not silently change an old memory).
-_CONFIG_BEFORE_FIELD = {"relevance": "dot"}
+_CONFIG_BEFORE_FIELD = {"relevance": "dot", "repr_heads": "query"}
 MANIFEST = "manifest.json"
 LOG = "log.sqlite"
 LOCK = "LOCK"

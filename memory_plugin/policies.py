@@ -6,7 +6,7 @@ allowed values from these registries, so a new variant is one class and one regi
 
 Shapes (as :mod:`~memory_plugin.attention`):
     q_mean: [H, D]             a chunk's mean query, rotated at distance ``n_local``
-    reprs: [n_blocks, H, D]    representative keys of a layer's blocks
+    reprs: [n_blocks, R, D]    representative keys of a layer's blocks (R = H, or Hkv)
     k: [Hkv, n, D]             unrotated keys outside the local window
     kv: [2, Hkv, block_size, D]  one block's keys and values; encoded, a dict of tensors
 """
@@ -47,6 +47,10 @@ class ZScoreRelevance:
 
 
 RELEVANCE = {"dot": DotRelevance(), "zscore": ZScoreRelevance()}
+
+REPR_HEADS = ("query", "kv")
+"""``MemoryConfig.repr_heads`` -> a block's representative keys: one per query head, or one per KV
+head shared by its group (``representative_keys`` on the group's summed mass)."""
 """``MemoryConfig.relevance`` -> how a chunk scores blocks: ``scores(q_mean, reprs) -> [n_blocks]``
 (the reference), and ``query(q_mean, score_std) -> [H, D]``, a query whose plain dot product with
 the flattened reprs ranks blocks as ``scores`` does (it differs from it by a constant), so selection

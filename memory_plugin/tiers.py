@@ -13,7 +13,8 @@ Every tier indexed by block id answers ``truncate(n)`` (a rollback forgets block
 and ``nbytes()``.
 
 Shapes: a block's KV is ``[2, Hkv, block_size, D]``, encoded as a dict of tensors by the KV codec
-(:mod:`~memory_plugin.policies`); representative keys are ``[n_blocks, H, D]``.
+(:mod:`~memory_plugin.policies`); representative keys are ``[n_blocks, R, D]``, one per query
+head (R = H) or per KV head (R = Hkv, ``MemoryConfig.repr_heads``).
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ class ReprMoments:
 
     def std(self, q: torch.Tensor) -> torch.Tensor:
         """Population standard deviation over the counted keys of each head's score ``q_h . r_bh``:
-        ``q [H, D]`` -> ``[H]`` (float32), from the covariance alone (0 when nothing is counted)."""
+        ``q [H, D]`` -> ``[H]`` (float32), from the covariance alone (0 when nothing is counted).
+        With keys per KV head (fewer heads than ``q``), each query head's score is against its
+        group's key."""
         if self.count == 0:
             return torch.zeros(q.shape[0], device=q.device)
         if self._cov is None or self._cov.device != q.device:
@@ -137,7 +140,8 @@ class ReprMoments:
             cov = self.outer / self.count - mean[:, :, None] * mean[:, None, :]
             self._cov = cov.to(q.device, torch.float32)
         qf = q.float()
-        var = ((self._cov * qf[:, None, :]).sum(dim=-1) * qf).sum(dim=-1)  # q_h^T cov_h q_h (bmm is slower here)
+        cov = self._cov.repeat_interleave(len(qf) // len(self._cov), dim=0) if len(qf) != len(self._cov) else self._cov
+        var = ((cov * qf[:, None, :]).sum(dim=-1) * qf).sum(dim=-1)  # q_h^T cov_h q_h (bmm is slower here)
         return var.clamp_min(0).sqrt()
 
 

@@ -144,6 +144,24 @@ def test_select_ranks_exactly_as_block_relevance_through_appends_truncates_and_r
     _assert_selects_as_block_relevance(store, queries)
 
 
+def test_keys_per_kv_head_are_scored_by_each_query_head_of_their_group():
+    """With one representative key per KV head, selection ranks as ``block_relevance`` with each
+    query head scoring its group's key (z-scored per query head), through a rollback and a load."""
+    torch.manual_seed(3)
+    store = _store(repr_heads=HKV)
+    for _ in range(70):
+        store.append(0, torch.zeros(2, HKV, BS, D), torch.randn(HKV, D) * torch.tensor([[6.0], [1.0]]) + 2.0)
+    assert store.layers[0].reprs.shape == (70, HKV, D)
+    queries = torch.randn(20, H, D) * torch.tensor([1.0, 8.0, 1.0, 0.2])[:, None]  # heads of unequal weight
+    _assert_selects_as_block_relevance(store, queries)
+    store.truncate(40)
+    _assert_selects_as_block_relevance(store, queries)
+    store.layers[0].set_reprs(torch.randn(40, HKV, D))  # replaced wholesale (a load)
+    _assert_selects_as_block_relevance(store, queries)
+    with pytest.raises(ValueError, match="repr_heads \\(3\\) must divide n_heads \\(4\\)"):
+        _store(repr_heads=3)
+
+
 def test_the_zscore_query_is_what_makes_selection_exact():
     """The z-scored ranking differs from the plain dot product's: the re-weighting is not a no-op."""
     torch.manual_seed(1)
@@ -348,21 +366,22 @@ def test_the_bf16_scores_of_int8_keys_stay_within_their_bound():
 
 
 @needs_int8_kernel
-def test_int8_keys_scanned_by_the_kernel_select_as_the_float32_table(monkeypatch):
+@pytest.mark.parametrize("repr_heads", [9, 3])  # a key per query head, or per KV head of a group of 3
+def test_int8_keys_scanned_by_the_kernel_select_as_the_float32_table(monkeypatch, repr_heads):
     """Selection on the bf16 kernel's scores plus an exact rescoring of the candidates picks the
     blocks the float32 table picks, also among near-duplicates bf16 cannot tell apart, after
     appends across the table's doubling, a rollback and growth again."""
     monkeypatch.setattr(tiers, "FAST_SCAN_MIN_BLOCKS", 64)
     monkeypatch.setattr(tiers, "REPR_CHUNK", 7)  # candidates rescored in many chunks
     torch.manual_seed(5)
-    fast = _store(n_heads=9, head_dim=64, kv_quantization="int8", compact_reprs=True)
-    plain = _store(n_heads=9, head_dim=64, kv_quantization="int8")
-    base = torch.randn(40, 9, 64) * torch.rand(1, 9, 1) * 4
+    fast = _store(n_heads=9, head_dim=64, kv_quantization="int8", compact_reprs=True, repr_heads=repr_heads)
+    plain = _store(n_heads=9, head_dim=64, kv_quantization="int8", repr_heads=repr_heads)
+    base = torch.randn(40, repr_heads, 64) * torch.rand(1, repr_heads, 1) * 4
     kv = torch.zeros(2, HKV, BS, 64)
 
     def grow(count):
         for i in range(count):
-            r = base[i % 40] + 1e-3 * torch.randn(9, 64)  # copies 1e-3 apart: ties in bf16
+            r = base[i % 40] + 1e-3 * torch.randn(repr_heads, 64)  # copies 1e-3 apart: ties in bf16
             fast.append(0, kv, r)
             plain.append(0, kv, r)
 

@@ -62,6 +62,12 @@ def test_far_distance_is_validated():
         MemoryConfig(far_distance=4096)
 
 
+def test_repr_heads_is_validated():
+    assert MemoryConfig().repr_heads == "query" and MemoryConfig(repr_heads="kv").repr_heads == "kv"
+    with pytest.raises(ValueError, match="repr_heads must be 'query' or 'kv', got 'group'"):
+        MemoryConfig(repr_heads="group")
+
+
 def test_relevance_is_validated():
     assert MemoryConfig().relevance == "zscore" and MemoryConfig(relevance="dot").relevance == "dot"
     with pytest.raises(ValueError, match="relevance must be 'dot' or 'zscore', got 'cosine'"):

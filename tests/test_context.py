@@ -133,11 +133,11 @@ def _reference(model, cfg, ids):
     return model.lm_head(base.norm(h)), masses, keys
 
 
-@pytest.mark.parametrize("mass_stride, positions", [(1, "fixed"), (3, "fixed"), (3, "ordered")])
-def test_matches_naive_reference_including_representative_keys(gqa_model, mass_stride, positions):
+@pytest.mark.parametrize("mass_stride, positions, repr_heads", [(1, "fixed", "query"), (3, "fixed", "query"), (3, "ordered", "query"), (3, "fixed", "kv")])
+def test_matches_naive_reference_including_representative_keys(gqa_model, mass_stride, positions, repr_heads):
     cfg = MemoryConfig(
         block_size=8, n_init=6, n_local=40, topk=64, repr_topk=3, chunk_size=16, mass_stride=mass_stride,
-        max_cached_blocks=64, block_positions=positions, kv_quantization="none",  # exact maths
+        max_cached_blocks=64, block_positions=positions, kv_quantization="none", repr_heads=repr_heads,  # exact maths
     )  # fmt: skip
     ids = _ids(260, seed=4)
     ctx, out = _encode(gqa_model, cfg, ids)
@@ -148,7 +148,10 @@ def test_matches_naive_reference_including_representative_keys(gqa_model, mass_s
     for layer in range(len(masses)):
         for b in range(len(ctx.store)):
             a, e = ctx.block_span(b)
-            expected = representative_keys(keys[layer][:, a:e], masses[layer][:, a:e], cfg.repr_topk)
+            mass = masses[layer][:, a:e]
+            if repr_heads == "kv":  # one key per KV head, by its group's summed mass
+                mass = mass.reshape(len(keys[layer]), -1, e - a).sum(dim=1)
+            expected = representative_keys(keys[layer][:, a:e], mass, cfg.repr_topk)
             torch.testing.assert_close(ctx.store.layers[layer].reprs[b], expected, atol=1e-5, rtol=1e-4)
             k_block, _ = ctx.store.fetch(layer, [b])
             k_ref = keys[layer][:, a:e]
@@ -177,11 +180,12 @@ def test_chunked_and_one_shot_ingestion_give_the_same_memory(gqa_model, pieces):
             torch.testing.assert_close(a.kv[blk]["kv"], b.kv[blk]["kv"], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("relevance", ["dot", "zscore"])
-def test_topk_selects_blocks_by_mean_query_at_fixed_distance(gqa_model, relevance):
+@pytest.mark.parametrize("relevance, repr_heads", [("dot", "query"), ("zscore", "query"), ("zscore", "kv")])
+def test_topk_selects_blocks_by_mean_query_at_fixed_distance(gqa_model, relevance, repr_heads):
     cfg = MemoryConfig(
-        block_size=8, n_init=8, n_local=64, topk=3, repr_topk=2, chunk_size=32, max_cached_blocks=4, relevance=relevance
-    )
+        block_size=8, n_init=8, n_local=64, topk=3, repr_topk=2, chunk_size=32, max_cached_blocks=4, relevance=relevance,
+        repr_heads=repr_heads,
+    )  # fmt: skip
     fwd = MemoryForward(gqa_model)
     ctx = fwd.new_context(cfg)
     ids = _ids(400, seed=6)

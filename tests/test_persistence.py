@@ -64,6 +64,24 @@ def test_save_and_load_round_trip_exactly(built, tmp_path, tiny_model, tiny_toke
     assert files == ["LOCK", "blocks", "log.sqlite", "manifest.json", "state"]
 
 
+def test_keys_per_kv_head_are_saved_loaded_and_opened_as_they_were(tmp_path, tiny_model, tiny_tokenizer):
+    cfg = testing.TINY_CONFIG.replace(repr_heads="kv")
+    mem = _build(tiny_model, tiny_tokenizer, cfg)
+    store = mem._engine.ctx.store
+    assert store.layers[0].reprs.shape[1] == tiny_model.config.num_key_value_heads < tiny_model.config.num_attention_heads
+    answer, hits, state = _ask(mem), _hits(mem), _state(mem._engine.ctx)
+    mem.save(tmp_path / "m")
+    loaded = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
+    assert loaded.config.repr_heads == "kv" and _state(loaded._engine.ctx) == state
+    assert _ask(loaded) == answer and _hits(loaded) == hits
+    with pytest.raises(ValueError, match="config differs .* in repr_heads"):
+        ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG)
+    budget = cfg.replace(max_resident_bytes=400_000)  # reprs held int8, as stored
+    opened = ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=budget)
+    assert _ask(opened) == _ask(mem)
+    opened.close()
+
+
 def test_saving_again_replaces_the_old_copy(built, tmp_path, tiny_model, tiny_tokenizer):
     built.save(tmp_path / "m")
     built.add_text(TEXT * 5)
@@ -246,14 +264,15 @@ def test_a_different_geometry_is_refused_on_open(tmp_path, tiny_model, tiny_toke
 
 
 def test_a_memory_saved_before_a_config_field_existed_keeps_its_old_behaviour(tmp_path, tiny_model, tiny_tokenizer):
-    # Memories saved before `relevance` existed were built with InfLLM's dot-product rule.
+    # Memories saved before `relevance` existed were built with InfLLM's dot-product rule, and
+    # before `repr_heads` with a key per query head.
     dot = _build(tiny_model, tiny_tokenizer, testing.TINY_CONFIG.replace(relevance="dot"))
     dot.save(tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    del manifest["config"]["relevance"]
+    del manifest["config"]["relevance"], manifest["config"]["repr_heads"]
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
     loaded = ContextMemory.load(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer)
-    assert loaded.config.relevance == "dot"
+    assert loaded.config.relevance == "dot" and loaded.config.repr_heads == "query"
     assert _ask(loaded) == _ask(dot)
 
 
