@@ -219,12 +219,13 @@ def grow_history(mem, n_tokens: int, sources: list[int], noise: float = 0.01, en
     ids = []
     with torch.inference_mode():
         for i, layer in enumerate(store.layers):
-            scale = noise * layer.reprs[:have].float().std()
+            reprs = layer.reprs[:have]  # decoded once: a compact table decodes every block per access
+            scale = noise * reprs.float().std()
             for b in range(have, have + add):
                 src = sources[b % len(sources)]
                 gen = torch.Generator().manual_seed(b * 1009 + i)
-                r = layer.reprs[src] + scale * torch.randn(layer.reprs[src].shape, generator=gen)
-                layer.append(layer.kv[src], store.codec.round_reprs(r[None])[0].to(layer.reprs.dtype))
+                r = reprs[src] + scale * torch.randn(reprs[src].shape, generator=gen)
+                layer.append(layer.kv[src], store.codec.round_reprs(r[None])[0].to(reprs.dtype))
                 store.ram.hold((i, b), layer.kv[src])
     for b in range(have, have + add):
         s = cfg.n_init + sources[b % len(sources)] * bs
