@@ -48,12 +48,16 @@ class MemoryConfig:
     against 7 of 7; BENCHMARKS.md, section 2)."""
     repr_topk: int = 4
     """Representative keys per block: the tokens that received most attention while in the window."""
-    repr_heads: str = "query"
-    """Whose representative keys a block keeps: "query" is InfLLM's, one per query head (the mean
-    of the keys that head attended most); "kv", one per KV head, chosen by its group of query heads'
-    summed attention and scored by each of them, so selection reads ``n_kv_heads / n_heads`` of the
-    bytes (a third on SmolLM2: 3 KV heads for 9 query heads) at every decoded token, the part of a
-    turn that grows with the history."""
+    repr_heads: str = "kv"
+    """Whose representative keys a block keeps: "kv", one per KV head, chosen by its group of query
+    heads' summed attention and scored by each of them; "query" is InfLLM's, one per query head.
+    Selection scans every block's keys at every decoded token, the part of a turn that grows with
+    the history, and "kv" reads ``n_kv_heads / n_heads`` of the bytes (a third on SmolLM2). The
+    default because on the embedded model it answered what "query" answered: passkeys at 16k (10
+    of 10, 9 of them the same string), needles at four depths of 1M tokens (4 of 4), the shipped
+    examples (7 of 7); and a turn at 1M cost 1.09x the 8k one against 1.27x (medians of three
+    runs), and 1.15x the 64k all-in-RAM turn under a 1 GiB budget against 1.23x (BENCHMARKS.md,
+    sections 1 and 6). A memory saved before this field existed keeps "query"."""
     chunk_size: int = 512
     """Tokens encoded per forward step; retrieval is done once per chunk (every token when decoding)."""
     relevance: str = "zscore"

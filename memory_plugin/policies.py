@@ -48,7 +48,7 @@ class ZScoreRelevance:
 
 RELEVANCE = {"dot": DotRelevance(), "zscore": ZScoreRelevance()}
 
-REPR_HEADS = ("query", "kv")
+REPR_HEADS = ("kv", "query")
 """``MemoryConfig.repr_heads`` -> a block's representative keys: one per query head, or one per KV
 head shared by its group (``representative_keys`` on the group's summed mass)."""
 """``MemoryConfig.relevance`` -> how a chunk scores blocks: ``scores(q_mean, reprs) -> [n_blocks]``

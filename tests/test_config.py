@@ -63,8 +63,8 @@ def test_far_distance_is_validated():
 
 
 def test_repr_heads_is_validated():
-    assert MemoryConfig().repr_heads == "query" and MemoryConfig(repr_heads="kv").repr_heads == "kv"
-    with pytest.raises(ValueError, match="repr_heads must be 'query' or 'kv', got 'group'"):
+    assert MemoryConfig().repr_heads == "kv" and MemoryConfig(repr_heads="query").repr_heads == "query"
+    with pytest.raises(ValueError, match="repr_heads must be 'kv' or 'query', got 'group'"):
         MemoryConfig(repr_heads="group")
 
 

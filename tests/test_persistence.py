@@ -75,7 +75,7 @@ def test_keys_per_kv_head_are_saved_loaded_and_opened_as_they_were(tmp_path, tin
     assert loaded.config.repr_heads == "kv" and _state(loaded._engine.ctx) == state
     assert _ask(loaded) == answer and _hits(loaded) == hits
     with pytest.raises(ValueError, match="config differs .* in repr_heads"):
-        ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=testing.TINY_CONFIG)
+        ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=cfg.replace(repr_heads="query"))
     budget = cfg.replace(max_resident_bytes=400_000)  # reprs held int8, as stored
     opened = ContextMemory.open(tmp_path / "m", tiny_model, tokenizer=tiny_tokenizer, config=budget)
     assert _ask(opened) == _ask(mem)
@@ -266,7 +266,7 @@ def test_a_different_geometry_is_refused_on_open(tmp_path, tiny_model, tiny_toke
 def test_a_memory_saved_before_a_config_field_existed_keeps_its_old_behaviour(tmp_path, tiny_model, tiny_tokenizer):
     # Memories saved before `relevance` existed were built with InfLLM's dot-product rule, and
     # before `repr_heads` with a key per query head.
-    dot = _build(tiny_model, tiny_tokenizer, testing.TINY_CONFIG.replace(relevance="dot"))
+    dot = _build(tiny_model, tiny_tokenizer, testing.TINY_CONFIG.replace(relevance="dot", repr_heads="query"))
     dot.save(tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     del manifest["config"]["relevance"], manifest["config"]["repr_heads"]

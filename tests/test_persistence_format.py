@@ -42,7 +42,7 @@ def test_int8_shards_hold_int8_reprs_and_float16_scales(tiny_model, tiny_tokeniz
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["format_version"] == FORMAT_VERSION == 4
     header = _header(tmp_path / "m" / manifest["shards"][0]["file"])
-    n, (h, d) = manifest["shards"][0]["n"], (tiny_model.config.num_attention_heads, 16)
+    n, (h, d) = manifest["shards"][0]["n"], (tiny_model.config.num_key_value_heads, 16)  # a key per KV head
     assert {k: header[f"{k}.0"]["dtype"] for k in ("kv", "scale", "repr", "repr_scale")} == {
         "kv": "I8", "scale": "F16", "repr": "I8", "repr_scale": "F16"
     }
