@@ -53,8 +53,8 @@ class MemoryConfig:
     heads' summed attention and scored by each of them; "query" is InfLLM's, one per query head.
     Selection scans every block's keys at every decoded token, the part of a turn that grows with
     the history, and "kv" reads ``n_kv_heads / n_heads`` of the bytes (a third on SmolLM2). The
-    default because on the embedded model it answered what "query" answered: passkeys at 16k (10
-    of 10, 9 of them the same string), needles at four depths of 1M tokens (4 of 4), the shipped
+    default because on the embedded model it answered what "query" answered: passkeys at 16k and
+    32k (20 of 20, 19 of them the same string), needles at four depths of 1M tokens (4 of 4), the shipped
     examples (7 of 7); and a turn at 1M cost 1.09x the 8k one against 1.27x (medians of three
     runs), and 1.15x the 64k all-in-RAM turn under a 1 GiB budget against 1.23x (BENCHMARKS.md,
     sections 1 and 6). A memory saved before this field existed keeps "query"."""
