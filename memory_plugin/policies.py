@@ -47,16 +47,17 @@ class ZScoreRelevance:
 
 
 RELEVANCE = {"dot": DotRelevance(), "zscore": ZScoreRelevance()}
-
-REPR_HEADS = ("kv", "query")
-"""``MemoryConfig.repr_heads`` -> a block's representative keys: one per query head, or one per KV
-head shared by its group (``representative_keys`` on the group's summed mass)."""
 """``MemoryConfig.relevance`` -> how a chunk scores blocks: ``scores(q_mean, reprs) -> [n_blocks]``
 (the reference), and ``query(q_mean, score_std) -> [H, D]``, a query whose plain dot product with
 the flattened reprs ranks blocks as ``scores`` does (it differs from it by a constant), so selection
 is one matrix-vector product per layer; ``score_std()`` gives the ``[H]`` spread of each head's
 scores over the blocks (:meth:`~memory_plugin.tiers.LayerBlocks.score_std`), asked for only when
 needed."""
+
+REPR_HEADS = ("kv", "query")
+"""``MemoryConfig.repr_heads`` -> a block's representative keys: one per KV head, picked by its
+group of query heads' summed mass and shared by them (the default), or one per query head
+(InfLLM's)."""
 
 
 # ----------------------------------------------------------------------------------------- positions
