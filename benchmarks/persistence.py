@@ -298,7 +298,7 @@ def grown_build(a) -> None:
     del full
     summary = {"grown_tokens": a.grown, "budget_mb": a.budget_mb, "ceiling": ceiling, "code": _code_version()}
     print(json.dumps({"ceiling": ceiling}), flush=True)
-    base = work / "base"
+    base = work / "-".join(["base", *a.set])  # a base ingested with other overrides is not reused
     if not (base / "manifest.json").exists():
         mem = ContextMemory(model, tok, _config(a.set))
         c, t = time.process_time(), time.perf_counter()
